@@ -1,0 +1,200 @@
+"""The prefill + KV-cache decode loop.
+
+Per token the loop does one `session.run`, one sampler call and one small detokeniser decode;
+everything else (attention mask, position ids, the feeds dict, output names) is built once per
+request and only sliced or updated in place. On CUDA/TensorRT the cache stays on the device:
+IOBinding binds each `present` output to device memory and feeds it back as the next `past`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from edged.zoo.detok import Detokenizer, StopFilter
+from edged.zoo.errors import ContextOverflowError, ZooError
+from edged.zoo.model import GPU_PROVIDERS, GraphSpec
+from edged.zoo.params import FinishReason, GenerationParams, GenerationResult
+from edged.zoo.sampling import Sampler
+
+if TYPE_CHECKING:
+    from edged.zoo.model import LoadedModel
+
+
+class _Feeds:
+    """Inputs of one request, preallocated for its whole length."""
+
+    def __init__(self, spec: GraphSpec, total: int) -> None:
+        self.spec = spec
+        self.ids1 = np.zeros((1, 1), dtype=spec.input_ids_dtype)
+        self.mask = np.ones((1, total), dtype=spec.mask_dtype) if spec.mask_dtype else None
+        self.positions = (np.arange(total, dtype=spec.position_dtype)[None, :]
+                          if spec.position_dtype else None)
+        self.types = np.zeros((1, total), dtype=spec.token_type_dtype) \
+            if spec.token_type_dtype else None
+        self.branch = (np.array([False]), np.array([True]))
+
+    def inputs(self, ids: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        """Non-cache inputs for `ids` placed at positions start..start+len(ids)-1."""
+        end = start + ids.shape[1]
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        if self.mask is not None:
+            feeds["attention_mask"] = self.mask[:, :end]
+        if self.positions is not None:
+            feeds["position_ids"] = self.positions[:, start:end]
+        if self.types is not None:
+            feeds["token_type_ids"] = self.types[:, : ids.shape[1]]
+        if self.spec.use_cache_branch:
+            feeds["use_cache_branch"] = self.branch[start > 0]
+        return feeds
+
+
+class NumpyRunner:
+    """CPU: `session.run` with numpy arrays; the presents come back as the next pasts."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, total: int) -> None:
+        self.session, self.spec = session, spec
+        self.feeds = _Feeds(spec, total)
+        self.names = spec.output_names
+        self.pasts = [s.past for s in spec.kv]
+        self.length = 0
+
+    def prefill(self, prompt: list[int]) -> np.ndarray:
+        ids = np.asarray([prompt], dtype=self.spec.input_ids_dtype)
+        feeds = self.feeds.inputs(ids, 0)
+        for slot in self.spec.kv:
+            feeds[slot.past] = np.zeros(slot.shape, dtype=slot.dtype)
+        self.current = feeds
+        return self._run(len(prompt))
+
+    def step(self, token: int) -> np.ndarray:
+        ids = self.feeds.ids1
+        ids[0, 0] = token
+        self.current.update(self.feeds.inputs(ids, self.length))
+        return self._run(1)
+
+    def _run(self, n: int) -> np.ndarray:
+        out = self.session.run(self.names, self.current)
+        self.current.update(zip(self.pasts, out[1:], strict=True))
+        self.length += n
+        return out[0][0, -1]
+
+
+class BoundRunner:
+    """CUDA/TensorRT: IOBinding keeps every `present` on the device and rebinds it as `past`."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, total: int,
+                 device: str) -> None:
+        self.session, self.spec, self.device = session, spec, device
+        self.feeds = _Feeds(spec, total)
+        self.binding = session.io_binding()
+        self.length = 0
+
+    def prefill(self, prompt: list[int]) -> np.ndarray:
+        ids = np.asarray([prompt], dtype=self.spec.input_ids_dtype)
+        self._keep = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
+        for slot, empty in zip(self.spec.kv, self._keep, strict=True):
+            self.binding.bind_cpu_input(slot.past, empty)
+        return self._run(ids)
+
+    def step(self, token: int) -> np.ndarray:
+        ids = self.feeds.ids1
+        ids[0, 0] = token
+        return self._run(ids)
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        b = self.binding
+        for name, value in self.feeds.inputs(ids, self.length).items():
+            b.bind_cpu_input(name, value)
+        b.clear_binding_outputs()
+        b.bind_output(self.spec.logits, "cpu")
+        for slot in self.spec.kv:
+            b.bind_output(slot.present, self.device, 0)
+        self.session.run_with_iobinding(b)
+        out = b.get_outputs()
+        for slot, value in zip(self.spec.kv, out[1:], strict=True):
+            b.bind_ortvalue_input(slot.past, value)
+        self.length += ids.shape[1]
+        return out[0].numpy()[0, -1]
+
+
+def generate(model: LoadedModel, prompt_ids: list[int], params: GenerationParams, *,
+             on_delta: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None) -> GenerationResult:
+    """Prefill the prompt, then decode token by token until EOS, a stop string, the length
+    limit or `cancel`; text deltas go to `on_delta` as soon as they are whole characters."""
+    t0 = time.perf_counter()
+    n_prompt = len(prompt_ids)
+    if n_prompt + params.max_new_tokens > model.context:
+        raise ContextOverflowError(n_prompt, params.max_new_tokens, model.context)
+    session = model.session
+    if session is None:
+        raise ZooError(f"model {model.name} was unloaded")
+    total = n_prompt + params.max_new_tokens
+    device = GPU_PROVIDERS.get(model.provider)
+    runner = (BoundRunner(session, model.spec, total, device) if device
+              else NumpyRunner(session, model.spec, total))
+    sampler = Sampler(params, model.spec.vocab_size, model.tokenizer_vocab)
+    sampler.observe(prompt_ids)
+    detok, stops = Detokenizer(model.tokenizer, prompt_ids), StopFilter(params.stop)
+    eos = model.eos_token_ids
+    parts: list[str] = []
+
+    def emit(text: str) -> None:
+        if text:
+            parts.append(text)
+            if on_delta is not None:
+                on_delta(text)
+
+    out: list[int] = []
+    finish: FinishReason = "length"
+    t_first = None
+    if cancel is not None and cancel.is_set():
+        finish = "cancelled"
+    else:
+        logits = runner.prefill(prompt_ids)
+        while True:
+            token = sampler(logits)
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(token)
+            sampler.observe((token,))
+            if token in eos:
+                finish = "eos"
+                break
+            emit(stops.feed(detok.push(token)))
+            if stops.stopped:
+                finish = "stop"
+                break
+            if len(out) >= params.max_new_tokens:
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            logits = runner.step(token)
+    if not stops.stopped:
+        emit(stops.feed(detok.flush()))
+        if stops.stopped:
+            finish = "stop"
+        emit(stops.flush())
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    decode_s = t_end - t_first
+    return GenerationResult(
+        text="".join(parts),
+        token_ids=out,
+        prompt_tokens=n_prompt,
+        completion_tokens=len(out),
+        finish_reason=finish,
+        ttft_ms=(t_first - t0) * 1e3,
+        total_ms=(t_end - t0) * 1e3,
+        tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
+        provider=model.provider,
+        model=model.name,
+        prompt_ids=list(prompt_ids),
+    )

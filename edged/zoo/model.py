@@ -1,0 +1,407 @@
+"""A model directory: files, config, tokenizer, onnxruntime session and the graph's KV layout.
+
+The layout of the KV cache (names, dtypes, head counts) is read from the session's inputs and
+outputs, never guessed from the architecture name, so any optimum `text-generation-with-past`
+export with `past_key_values.N.key/value` -> `present.N.key/value` works, whichever of
+attention_mask / position_ids / token_type_ids / use_cache_branch it has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edged.zoo.chat import ChatTemplate, Message, plain_prompt, validate_messages
+from edged.zoo.errors import InvalidRequestError, ModelLoadError, ProviderError
+from edged.zoo.params import GenerationParams, GenerationResult
+
+MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                "seq_length")
+_KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "token_type_ids",
+                 "use_cache_branch"}
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(double)": np.float64, "tensor(bfloat16)": None,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+GPU_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+_VOCAB_PAD_LIMIT = 1024  # model vocab may exceed the tokenizer's by padding rows, not more
+
+
+class ProviderFallbackWarning(RuntimeWarning):
+    """onnxruntime runs the model on another execution provider than the one asked for."""
+
+
+@dataclass(frozen=True)
+class KVSlot:
+    """One cache tensor: fed as `past`, returned as `present`."""
+
+    past: str
+    present: str
+    dtype: type
+    shape: tuple[int, ...]  # with 0 on the sequence axis: the empty cache of the first step
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the decoder graph takes and returns."""
+
+    input_ids_dtype: type
+    mask_dtype: type | None
+    position_dtype: type | None
+    token_type_dtype: type | None
+    use_cache_branch: bool
+    logits: str
+    vocab_size: int
+    kv: tuple[KVSlot, ...]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.logits] + [s.present for s in self.kv]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How to build the onnxruntime session."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    allow_fallback: bool = True
+    intra_op_threads: int = 0  # 0 = onnxruntime's default
+    inter_op_threads: int = 0
+
+
+def read_json(path: Path, model: str, *, required: bool = True) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(model, f"missing file {path.name} in {path.parent}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(model, f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(model, f"{path} must hold a JSON object")
+    return data
+
+
+def _ids(value: object) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _dtype(type_str: str, what: str, model: str) -> type:
+    dtype = _ORT_DTYPES.get(type_str)
+    if dtype is None:
+        raise ModelLoadError(model, f"{what} has unsupported type {type_str}")
+    return dtype
+
+
+def inspect_graph(session: ort.InferenceSession, config: dict[str, Any], model: str) -> GraphSpec:
+    """Read names, dtypes and KV shapes from the session; reject graphs we cannot drive."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if "input_ids" not in inputs:
+        raise ModelLoadError(model, f"graph has no input_ids input (inputs: {sorted(inputs)})")
+    logits = "logits" if "logits" in outputs else None
+    if logits is None:
+        raise ModelLoadError(model, f"graph has no logits output (outputs: {sorted(outputs)})")
+    pasts = {n: _PAST.match(n) for n in inputs}
+    unknown = sorted(n for n, m in pasts.items() if m is None and n not in _KNOWN_INPUTS)
+    if unknown:
+        raise ModelLoadError(model, f"graph has inputs edged cannot feed: {unknown}")
+    layers = sorted({int(m.group(1)) for m in pasts.values() if m})
+    if not layers:
+        raise ModelLoadError(model, "graph has no past_key_values.N.key/value inputs "
+                                    "(export with --task text-generation-with-past)")
+    if layers != list(range(len(layers))):
+        raise ModelLoadError(model, f"KV-cache layers are not 0..N-1: {layers}")
+    slots = []
+    for layer in layers:
+        for kind in ("key", "value"):
+            past, present = f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"
+            if past not in inputs:
+                raise ModelLoadError(model, f"graph lacks input {past}")
+            if present not in outputs:
+                raise ModelLoadError(model, f"graph has {past} but no output {present}")
+            slots.append(_kv_slot(inputs[past], present, config, model))
+    vocab = outputs[logits].shape[-1] if outputs[logits].shape else None
+    if not isinstance(vocab, int):
+        vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ModelLoadError(model, "cannot tell the vocabulary size (logits dim or vocab_size)")
+    cfg_vocab = config.get("vocab_size")
+    if isinstance(cfg_vocab, int) and cfg_vocab != vocab:
+        raise ModelLoadError(model, f"config.json vocab_size {cfg_vocab} != graph logits {vocab}")
+
+    def opt(name: str) -> type | None:
+        return _dtype(inputs[name].type, name, model) if name in inputs else None
+
+    return GraphSpec(
+        input_ids_dtype=_dtype(inputs["input_ids"].type, "input_ids", model),
+        mask_dtype=opt("attention_mask"),
+        position_dtype=opt("position_ids"),
+        token_type_dtype=opt("token_type_ids"),
+        use_cache_branch="use_cache_branch" in inputs,
+        logits=logits,
+        vocab_size=vocab,
+        kv=tuple(slots),
+    )
+
+
+def _kv_slot(node: Any, present: str, config: dict[str, Any], model: str) -> KVSlot:
+    shape = list(node.shape)
+    if len(shape) != 4:
+        raise ModelLoadError(model, f"{node.name} has rank {len(shape)}; edged drives "
+                                    "(batch, heads, seq, head_dim) caches only")
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") \
+        or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    head_dim = config.get("head_dim") or (hidden // config.get("num_attention_heads")
+                                          if hidden and config.get("num_attention_heads")
+                                          else None)
+    if not isinstance(shape[1], int):
+        shape[1] = heads
+    if not isinstance(shape[3], int):
+        shape[3] = head_dim
+    if not all(isinstance(d, int) and d > 0 for d in (shape[1], shape[3])):
+        raise ModelLoadError(model, f"cannot tell heads/head_dim of {node.name} ({node.shape})")
+    return KVSlot(past=node.name, present=present, dtype=_dtype(node.type, node.name, model),
+                  shape=(1, shape[1], 0, shape[3]))
+
+
+def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cfg.intra_op_threads:
+        so.intra_op_num_threads = cfg.intra_op_threads
+    if cfg.inter_op_threads:
+        so.inter_op_num_threads = cfg.inter_op_threads
+    return so
+
+
+def _resolve_providers(cfg: SessionConfig, model: str) -> list[str]:
+    """Drop providers this onnxruntime build lacks (a warning or a ProviderError)."""
+    available = ort.get_available_providers()
+    wanted = list(cfg.providers) or ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        _fallback(cfg, model, f"execution provider(s) {missing} not in this onnxruntime build "
+                              f"(available: {available})")
+    kept = [p for p in wanted if p in available]
+    return kept or ["CPUExecutionProvider"]
+
+
+def _fallback(cfg: SessionConfig, model: str, message: str) -> None:
+    if not cfg.allow_fallback:
+        raise ProviderError(model, message + "; set allow_fallback to run anyway")
+    warnings.warn(f"model {model}: {message}; falling back", ProviderFallbackWarning,
+                  stacklevel=3)
+
+
+def create_session(path: Path, cfg: SessionConfig, model: str) -> ort.InferenceSession:
+    """Build the session and check that the first provider asked for is the one running."""
+    providers = _resolve_providers(cfg, model)
+    if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
+        try:  # finds CUDA/cuDNN from pip-installed nvidia packages (onnxruntime-gpu >= 1.21)
+            ort.preload_dlls()
+        except Exception as exc:  # only a help: the provider check below decides
+            warnings.warn(f"onnxruntime.preload_dlls failed: {exc}", RuntimeWarning,
+                          stacklevel=2)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=_session_options(cfg),
+                                       providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise ModelLoadError(model, f"{path.name} does not load in onnxruntime: {exc}") from exc
+    actual = session.get_providers()
+    if providers[0] not in actual:
+        _fallback(cfg, model, f"asked for {providers[0]} but onnxruntime runs {actual}")
+    return session
+
+
+def find_model_file(directory: Path, model: str) -> Path:
+    for name in MODEL_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise ModelLoadError(model, f"no ONNX decoder in {directory} (looked for {list(MODEL_FILES)})")
+
+
+def model_size_bytes(onnx_file: Path) -> int:
+    """The weights' size on disk: the graph plus its external data (`model.onnx_data`, ...)."""
+    return sum(f.stat().st_size for f in onnx_file.parent.iterdir()
+               if f.is_file() and f.name.startswith(onnx_file.name))
+
+
+class LoadedModel:
+    """A ready-to-run model: session, graph layout, tokenizer, ids and defaults."""
+
+    def __init__(self, directory: Path, *, name: str | None = None,
+                 session_config: SessionConfig | None = None,
+                 defaults: GenerationParams | None = None, context: int | None = None) -> None:
+        directory = Path(directory)
+        # optimum's habit of an `onnx/` subfolder: name the model after its parent then
+        self.name = name or (directory.resolve().parent.name if directory.name == "onnx"
+                             else directory.name)
+        self.directory = directory
+        if not directory.is_dir():
+            raise ModelLoadError(self.name, f"model directory {directory} does not exist")
+        self.session_config = session_config or SessionConfig()
+        self.defaults = defaults or GenerationParams()
+        self.config = read_json(directory / "config.json", self.name)
+        gen_config = read_json(directory / "generation_config.json", self.name, required=False)
+        tok_config = read_json(directory / "tokenizer_config.json", self.name, required=False)
+        self.tokenizer = self._load_tokenizer(directory / "tokenizer.json")
+        self.onnx_path = find_model_file(directory, self.name)
+        self.size_bytes = model_size_bytes(self.onnx_path)
+        self.session = create_session(self.onnx_path, self.session_config, self.name)
+        self.provider: str = self.session.get_providers()[0]
+        self.spec = inspect_graph(self.session, self.config, self.name)
+        self.context = context or self._context()
+        self.tokenizer_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self._check_vocab()
+        self.bos_token_id, self.eos_token_ids = self._special_ids(gen_config, tok_config)
+        self.chat_template = self._chat_template(tok_config)
+
+    # -- loading helpers -------------------------------------------------------------------
+    def _load_tokenizer(self, path: Path) -> Tokenizer:
+        if not path.is_file():
+            raise ModelLoadError(self.name, f"missing file tokenizer.json in {path.parent}")
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise ModelLoadError(self.name, f"{path} does not load as a tokenizer: {exc}") from exc
+
+    def _context(self) -> int:
+        for key in CONTEXT_KEYS:
+            value = self.config.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise ModelLoadError(self.name, f"config.json names no context length ({CONTEXT_KEYS})")
+
+    def _check_vocab(self) -> None:
+        tok, graph = self.tokenizer_vocab, self.spec.vocab_size
+        if tok > graph:
+            raise ModelLoadError(self.name, f"tokenizer has {tok} ids but the model's vocabulary "
+                                            f"is {graph}: wrong tokenizer.json?")
+        if graph - tok > _VOCAB_PAD_LIMIT:
+            raise ModelLoadError(self.name, f"tokenizer has {tok} ids but the model's vocabulary "
+                                            f"is {graph} (more than {_VOCAB_PAD_LIMIT} padding "
+                                            "rows): wrong tokenizer.json?")
+
+    def _special_ids(self, gen_config: dict[str, Any],
+                     tok_config: dict[str, Any]) -> tuple[int | None, frozenset[int]]:
+        eos = set(_ids(self.config.get("eos_token_id")) + _ids(gen_config.get("eos_token_id")))
+        eos_tok = _token_text(tok_config.get("eos_token"))
+        if eos_tok is not None and self.tokenizer.token_to_id(eos_tok) is not None:
+            eos.add(self.tokenizer.token_to_id(eos_tok))
+        bos = _ids(self.config.get("bos_token_id")) or _ids(gen_config.get("bos_token_id"))
+        return (bos[0] if bos else None), frozenset(e for e in eos if 0 <= e < self.spec.vocab_size)
+
+    def _chat_template(self, tok_config: dict[str, Any]) -> ChatTemplate | None:
+        source = tok_config.get("chat_template")
+        if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+        jinja_file = self.directory / "chat_template.jinja"
+        if not isinstance(source, str) and jinja_file.is_file():
+            source = jinja_file.read_text(encoding="utf-8")
+        if not isinstance(source, str):
+            return None
+        return ChatTemplate(source, bos_token=_token_text(tok_config.get("bos_token")) or "",
+                            eos_token=_token_text(tok_config.get("eos_token")) or "",
+                            model=self.name)
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | bytes | None = None,
+                      messages: Sequence[Message] | None = None) -> list[int]:
+        """Prompt text or chat messages -> token ids (validated, never empty)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        special = True
+        if messages is not None:
+            msgs = validate_messages(messages)
+            if self.chat_template is not None:
+                text, special = self.chat_template.render(msgs), False  # template has the BOS
+            else:
+                text = plain_prompt(msgs)
+        else:
+            text = _as_text(prompt)
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=special).ids
+        except Exception as exc:  # tokenizers rejects e.g. lone surrogates
+            raise InvalidRequestError(f"prompt cannot be tokenised: {exc}") from exc
+        if not ids:
+            if self.bos_token_id is None:
+                raise InvalidRequestError(f"empty prompt, and model {self.name} has no BOS token "
+                                          "to start from")
+            ids = [self.bos_token_id]
+        return ids
+
+    def generate(self, prompt: str | bytes | None = None, *, params: GenerationParams | None = None,
+                 messages: Sequence[Message] | None = None,
+                 on_delta: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Generate a completion; see `edged.zoo.generate.generate` for the loop."""
+        from edged.zoo.generate import generate
+
+        params = params or self.defaults
+        if not isinstance(params, GenerationParams):
+            raise InvalidRequestError(f"params must be GenerationParams, not {type(params)}")
+        ids = self.encode_prompt(prompt, messages)
+        return generate(self, ids, params, on_delta=on_delta, cancel=cancel)
+
+    def close(self) -> None:
+        """Drop the session (its memory goes when the last running generation ends)."""
+        self.session = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, provider={self.provider!r}, context={self.context})"
+
+
+def _token_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _as_text(prompt: object) -> str:
+    if isinstance(prompt, bytes):
+        try:
+            return prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(f"prompt is not valid UTF-8: byte {exc.start} "
+                                      f"({prompt[exc.start:exc.start + 1]!r})") from exc
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt must be str or UTF-8 bytes, not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"prompt is not valid UTF-8 text: character {exc.start} is a "
+                                  "lone surrogate (undecodable input bytes?)") from exc
+    return prompt
+
+
+def load_model(directory: Path | str, providers: Sequence[str] | None = None, *,
+               allow_fallback: bool = True, intra_op_threads: int = 0, inter_op_threads: int = 0,
+               name: str | None = None, defaults: GenerationParams | None = None,
+               context: int | None = None) -> LoadedModel:
+    """Load one optimum-exported model directory (raises ModelLoadError naming the problem)."""
+    cfg = SessionConfig(providers=tuple(providers or ("CPUExecutionProvider",)),
+                        allow_fallback=allow_fallback, intra_op_threads=intra_op_threads,
+                        inter_op_threads=inter_op_threads)
+    return LoadedModel(Path(directory), name=name, session_config=cfg, defaults=defaults,
+                       context=context)
