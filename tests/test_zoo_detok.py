@@ -1,0 +1,122 @@
+"""Incremental detokenisation and stop strings, without a model."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from edged.zoo.detok import Detokenizer, StopFilter
+
+TEXTS = ["Café naïve déjà vu", "日本語のテキスト", "emoji 🙂🚀 mixed", "plain ascii, words."]
+
+
+def _byte_fallback_tokenizer() -> Tokenizer:
+    """SentencePiece-style: ▁-words, <0xNN> byte-fallback tokens, Llama's decoder chain."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in ["▁", "a", "e", "i", "o", "u", "n", "t", "s", "▁the", "é"]:
+        vocab.setdefault(piece, len(vocab))
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i, c in enumerate(["<unk>", "<s>", "</s>"])],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>",
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _byte_level_tokenizer() -> Tokenizer:
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["some text", "more words"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+TOKENIZERS = {"byte_fallback": _byte_fallback_tokenizer, "byte_level": _byte_level_tokenizer}
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_are_whole_characters_and_concatenate(kind: str, text: str) -> None:
+    tok = TOKENIZERS[kind]()
+    prompt = tok.encode("Say:").ids
+    ids = tok.encode(" " + text).ids
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    detok = Detokenizer(tok, prompt)
+    deltas = [detok.push(i) for i in ids]
+    tail = detok.flush()
+    assert "\ufffd" not in "".join(deltas)
+    full = tok.decode(prompt + ids)
+    assert "".join(deltas) + tail == full[len(tok.decode(prompt)):]
+    assert ("".join(deltas) + tail).strip() == text
+
+
+def test_unfinished_character_is_held_then_flushed_as_replacement() -> None:
+    tok = _byte_fallback_tokenizer()
+    first_byte = tok.token_to_id("<0xE6>")  # first byte of a 3-byte character
+    detok = Detokenizer(tok, [1])
+    assert detok.push(first_byte) == ""
+    assert detok.flush() == "\ufffd"
+
+
+def test_special_tokens_are_skipped() -> None:
+    tok = _byte_fallback_tokenizer()
+    detok = Detokenizer(tok, [1])
+    assert detok.push(2) == ""
+    assert detok.push(tok.token_to_id("▁the")) == "the"
+
+
+@pytest.mark.parametrize(("chunks", "stops", "out"), [
+    (["Hello", " wor", "ld\nmore"], ("\n",), "Hello world"),
+    (["a", "b", "c", "STO", "P", "x"], ("STOP",), "abc"),
+    (["ST", "ay"], ("STOP",), "STay"),
+    (["xyz"], (), "xyz"),
+    (["12", "34"], ("3", "23"), "1"),
+])
+def test_stop_filter(chunks: list[str], stops: tuple[str, ...], out: str) -> None:
+    f = StopFilter(stops)
+    got = "".join(f.feed(c) for c in chunks)
+    if not f.stopped:
+        got += f.flush()
+    assert got == out
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="abc\n", max_size=40),
+       cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
+       stops=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), max_size=3))
+def test_stop_filter_equals_cut_at_first_stop(text: str, cuts: list[int], stops: list) -> None:
+    bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+    f = StopFilter(tuple(stops))
+    emitted = ""
+    for a, b in pairwise(bounds):
+        emitted += f.feed(text[a:b])
+        # what was emitted can never be taken back by a later stop match
+        assert not any(s in emitted for s in stops)
+    if not f.stopped:
+        emitted += f.flush()
+    firsts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    assert emitted == (text[: min(firsts)] if firsts else text)
