@@ -11,6 +11,7 @@ from edged.zoo.errors import (
     UnknownModelError,
     ZooError,
 )
+from edged.zoo.manifest import ModelEntry, Zoo, ZooManifest, ZooSettings
 from edged.zoo.model import LoadedModel, ProviderFallbackWarning, SessionConfig, load_model
 from edged.zoo.params import GenerationParams, GenerationResult
 
@@ -21,11 +22,15 @@ __all__ = [
     "InvalidRequestError",
     "LoadedModel",
     "ManifestError",
+    "ModelEntry",
     "ModelLoadError",
     "ProviderError",
     "ProviderFallbackWarning",
     "SessionConfig",
     "UnknownModelError",
+    "Zoo",
     "ZooError",
+    "ZooManifest",
+    "ZooSettings",
     "load_model",
 ]
