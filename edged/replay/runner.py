@@ -1,0 +1,126 @@
+"""Run every policy over a trace with several seeds and summarise (the `edged replay` JSON)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edged.replay import baselines
+from edged.replay.simulate import Outcome, run_router
+from edged.replay.trace import Trace
+from edged.router import RouterConfig
+
+#: SLA per benchmark used when `--alpha` is not given (the issue's targets).
+DEFAULT_ALPHA = {
+    "arc_challenge": 0.50, "arc_easy": 0.75, "boolq": 0.80, "mmlu_abstract_algebra": 0.40,
+    "piqa": 0.78, "sciq": 0.96, "social_iqa": 0.44,
+}
+
+#: edged's one configuration for every benchmark (alpha and seed are set per run).
+EDGED = RouterConfig()
+
+ConfigFactory = Callable[[float, int], RouterConfig]
+
+
+def paper_factory(c: float = 0.1, V: float = 0.001) -> ConfigFactory:
+    return lambda alpha, seed: RouterConfig.paper(alpha=alpha, V=V, c=c, seed=seed)
+
+
+def edged_factory(base: RouterConfig = EDGED) -> ConfigFactory:
+    return lambda alpha, seed: base.with_(alpha=alpha, seed=seed)
+
+
+@dataclass
+class BenchmarkResult:
+    """Summary (the JSON object) plus mean running curves per policy for the plot."""
+
+    summary: dict[str, Any]
+    curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def calibration(pred: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """Brier score and expected calibration error of (probability, label) pairs."""
+    if pred.size == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "n": 0}
+    p, y = pred[:, 0], pred[:, 1]
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(p[sel].mean() - y[sel].mean())
+    return {"brier": float(((p - y) ** 2).mean()), "ece": float(ece), "n": int(p.size)}
+
+
+def run_benchmark(
+    trace: Trace,
+    alpha: float,
+    seeds: int = 5,
+    routers: Mapping[str, ConfigFactory] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchmarkResult:
+    """All policies on `seeds` shuffles of `trace`. `routers` maps policy name to config maker
+    (default: `messplus` faithful and `edged`)."""
+    routers = dict(routers or {"messplus": paper_factory(), "edged": edged_factory()})
+    n = len(trace)
+    outcomes: dict[str, list[Outcome]] = {}
+    plan = baselines.static_mix_plan(trace, alpha)
+    constrained = baselines.constrained_probs(trace, alpha)
+    uniform = np.full(len(trace.models), 1.0 / len(trace.models))
+    for seed in range(seeds):
+        order = np.random.default_rng(seed).permutation(n)
+        shuffled = trace.subset(order)
+        runs: dict[str, Callable[[], Outcome]] = {
+            name: (lambda f=factory: run_router(shuffled, f(alpha, seed)))
+            for name, factory in routers.items()
+        }
+        runs["random"] = lambda: baselines.random_mix(shuffled, uniform, seed)
+        runs["random_constrained"] = lambda: baselines.random_mix(shuffled, constrained, seed)
+        for m, model in enumerate(trace.models):
+            runs[model] = lambda m=m: baselines.single(shuffled, m)
+        runs["static_mix"] = lambda: baselines.static_mix(shuffled, plan)
+        runs["oracle"] = lambda: baselines.oracle(shuffled, alpha)
+        for name, run in runs.items():
+            if progress is not None:
+                progress(f"{trace.benchmark}: seed {seed + 1}/{seeds} {name}")
+            outcomes.setdefault(name, []).append(run())
+    return BenchmarkResult(_summary(trace, alpha, seeds, outcomes), _curves(outcomes))
+
+
+def _summary(
+    trace: Trace, alpha: float, seeds: int, outcomes: dict[str, list[Outcome]]
+) -> dict[str, Any]:
+    policies: dict[str, Any] = {}
+    cal: dict[str, Any] = {}
+    for name, runs in outcomes.items():
+        sats = np.array([o.satisfaction.mean() for o in runs])
+        policies[name] = {
+            "energy_j_per_request": float(np.mean([o.energy_j.mean() for o in runs])),
+            "satisfaction": float(sats.mean()),
+            "min_satisfaction": float(sats.min()),
+            "explore_ratio": float(np.mean([o.explored.mean() for o in runs])),
+            "call_ratio": np.mean([o.ran.mean(axis=0) for o in runs], axis=0).tolist(),
+        }
+        if runs[0].predictions is not None:
+            cal[name] = calibration(np.concatenate([o.predictions for o in runs]))
+    oracle_e = policies["oracle"]["energy_j_per_request"]
+    return {
+        "benchmark": trace.benchmark, "alpha": alpha, "requests": len(trace),
+        "policies": policies, "seeds": seeds, "models": list(trace.models),
+        "oracle_ratio": {k: v["energy_j_per_request"] / oracle_e for k, v in policies.items()},
+        "calibration": cal,
+    }
+
+
+def _curves(outcomes: dict[str, list[Outcome]]) -> dict[str, dict[str, np.ndarray]]:
+    curves = {}
+    for name, runs in outcomes.items():
+        t = np.arange(1, runs[0].satisfaction.size + 1)
+        curves[name] = {
+            "satisfaction": np.mean([np.cumsum(o.satisfaction) / t for o in runs], axis=0),
+            "energy_j": np.mean([np.cumsum(o.energy_j) for o in runs], axis=0),
+        }
+    return curves

@@ -1,0 +1,99 @@
+"""Trace CSVs in the MESS+ simulator format, read as they are.
+
+Columns: `input_text`, and for each model m (in column order, cheapest first) `label_<m>`,
+`energy_consumption_<m>` and `inference_time_<m>`; `doc_id`, `benchmark_name` and
+`acc[_norm]_<m>` are optional.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class TraceError(ValueError):
+    """A trace file is missing, malformed or inconsistent; the message says where."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One benchmark: per-request outcomes of every model (rows: requests, columns: models)."""
+
+    benchmark: str
+    models: tuple[str, ...]
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    energy_j: np.ndarray
+    latency_s: np.ndarray
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, rows: np.ndarray) -> Trace:
+        """The requests at `rows`, in that order."""
+        return Trace(
+            self.benchmark, self.models, tuple(self.texts[i] for i in rows), self.labels[rows],
+            self.energy_j[rows], self.latency_s[rows], self.path,
+        )
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read one CSV; raises TraceError naming the file, row and column of any problem."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TraceError(f"{path}: cannot read ({exc})") from exc
+    models = tuple(col[len("label_") :] for col in header if col.startswith("label_"))
+    if not models:
+        raise TraceError(f"{path}: no label_<model> columns in header {header}")
+    needed = ["input_text"] + [
+        f"{kind}_{m}" for m in models for kind in ("label", "energy_consumption", "inference_time")
+    ]
+    missing = [col for col in needed if col not in header]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
+    if not rows:
+        raise TraceError(f"{path}: no requests")
+    out = np.empty((3, len(rows), len(models)))
+    for r, row in enumerate(rows):
+        for k, kind in enumerate(("label", "energy_consumption", "inference_time")):
+            for j, m in enumerate(models):
+                col = f"{kind}_{m}"
+                try:
+                    value = float(row[col])
+                except (TypeError, ValueError):
+                    raise TraceError(
+                        f"{path}: row {r + 2} column {col}: not a number: {row[col]!r}"
+                    ) from None
+                if not math.isfinite(value) or value < 0 or (k == 0 and value > 1):
+                    raise TraceError(f"{path}: row {r + 2} column {col}: out of range: {value}")
+                out[k, r, j] = value
+    benchmark = rows[0].get("benchmark_name") or path.stem
+    texts = tuple(row["input_text"] or "" for row in rows)
+    return Trace(benchmark, models, texts, out[0], out[1], out[2], path)
+
+
+def find_traces(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand directories to their `*.csv` files (sorted); files are kept as given."""
+    found: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(sorted(p.glob("*.csv")))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise TraceError(f"{p}: no such file or directory")
+    if not found:
+        raise TraceError(f"no trace CSVs in {[str(p) for p in paths]}")
+    return found

@@ -1,0 +1,125 @@
+"""`RouterConfig`: every knob of the router, with the paper's MESS+ and edged's default as presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+ExploreRuns = Literal["all", "lean"]
+
+
+class RouterConfigError(ValueError):
+    """A RouterConfig field has a value outside its domain."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Router settings. Defaults are edged's configuration; `RouterConfig.paper()` is MESS+.
+
+    alpha: SLA, the target mean satisfaction (None: energy budget only).
+    V: Lyapunov trade-off. A number weighs raw joules (the paper); "auto" weighs energies
+        normalised by the most expensive model, times `v_auto * t**v_growth`.
+    c, explore_exponent: exploration coin `min(1, c / t**explore_exponent)` (paper: 1/4).
+    explore_runs: "all" runs the whole zoo on exploration (paper); "lean" runs the chosen
+        model and everything cheaper, and dearer models only while they have fewer than
+        `min_labels` labels.
+    margin, margin_decay: aim at `alpha + margin * t**-margin_decay` so that the final mean
+        clears alpha despite the queue backlog Q_T / T.
+    optimism: decide on `s_m + optimism * sqrt(r_m (1 - r_m) / (n_m + 2))` (r_m: the model's
+        running success rate over its n_m labels), so a model with few labels gets tried.
+    lp_prior: add the multiplier that meets the target on the predictions of the last
+        `lp_window` requests (an LP on predicted satisfaction), so the queue only corrects the
+        predictor's error instead of building up the whole multiplier (the deficit Q_T / T).
+    calibration: online Platt scaling of the predictor's logits.
+    shared_head: a weight vector shared by all models (difficulty is shared) plus one per model.
+    energy_budget_j: optional mean joules per request, enforced by a second virtual queue.
+    latency_sigma: a deadline skips models whose mean + sigma * std latency exceeds it.
+    """
+
+    alpha: float | None = 0.8
+    V: float | str = "auto"
+    c: float = 0.1
+    seed: int = 0
+    explore_exponent: float = 0.25
+    explore_runs: ExploreRuns = "lean"
+    min_labels: int = 5
+    v_auto: float = 1.0
+    v_growth: float = 0.0
+    margin: float = 0.0
+    margin_decay: float = 0.5
+    optimism: float = 1.0
+    lp_prior: bool = True
+    lp_window: int = 512
+    calibration: bool = False
+    shared_head: bool = True
+    dim_bits: int = 16
+    learning_rate: float = 0.02
+    energy_budget_j: float | None = None
+    latency_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> RouterConfigError:
+            return RouterConfigError(f"RouterConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise bad("alpha", "must be in [0, 1] or None")
+        if self.alpha is None and self.energy_budget_j is None:
+            raise bad("alpha", "None needs an energy_budget_j")
+        if isinstance(self.V, str):
+            if self.V != "auto":
+                raise bad("V", 'must be a number >= 0 or "auto"')
+        elif not (isinstance(self.V, (int, float)) and math.isfinite(self.V) and self.V >= 0):
+            raise bad("V", 'must be a number >= 0 or "auto"')
+        if not (math.isfinite(self.c) and self.c >= 0.0):
+            raise bad("c", "must be >= 0")
+        if not self.explore_exponent > 0.0:
+            raise bad("explore_exponent", "must be > 0")
+        if self.explore_runs not in ("all", "lean"):
+            raise bad("explore_runs", 'must be "all" or "lean"')
+        if self.min_labels < 0:
+            raise bad("min_labels", "must be >= 0")
+        if not self.v_auto > 0.0:
+            raise bad("v_auto", "must be > 0")
+        if not 0.0 <= self.v_growth <= 1.0:
+            raise bad("v_growth", "must be in [0, 1]")
+        if not 0.0 <= self.margin <= 1.0:
+            raise bad("margin", "must be in [0, 1]")
+        if self.margin_decay < 0.0:
+            raise bad("margin_decay", "must be >= 0")
+        if not 8 <= self.dim_bits <= 24:
+            raise bad("dim_bits", "must be in [8, 24]")
+        if self.optimism < 0.0:
+            raise bad("optimism", "must be >= 0")
+        if self.lp_window < 16:
+            raise bad("lp_window", "must be >= 16")
+        if not self.learning_rate > 0.0:
+            raise bad("learning_rate", "must be > 0")
+        if self.energy_budget_j is not None and not self.energy_budget_j > 0.0:
+            raise bad("energy_budget_j", "must be > 0 or None")
+        if self.latency_sigma < 0.0:
+            raise bad("latency_sigma", "must be >= 0")
+
+    @classmethod
+    def paper(cls, alpha: float = 0.8, V: float = 0.001, c: float = 0.1, seed: int = 0) -> RouterConfig:
+        """Faithful MESS+: raw-joule V, full-zoo exploration at `c / t^(1/4)`, no extras."""
+        return cls(
+            alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
+            min_labels=0, margin=0.0, optimism=0.0, lp_prior=False, calibration=False, shared_head=False,
+        )
+
+    def with_(self, **changes: Any) -> RouterConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
+        """Build from a plain dict (e.g. a TOML table); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RouterConfigError(f"unknown RouterConfig field(s): {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,360 @@
+"""`Router`: MESS+ decisions with a learned predictor, energy/latency estimates and two queues.
+
+The router does no I/O apart from its own state file. The daemon calls `decide`, runs
+`decision.run`, reports joules with `observe_energy`, and whenever (if ever) labels arrive,
+`observe_labels`; the satisfaction queue moves only then.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.router import messplus
+from edged.router.config import RouterConfig
+from edged.router.estimates import RunningStats
+from edged.router.predictor import Features, Predictor
+from edged.router.state import StateError, read_state, set_aside, write_state
+
+
+class RouterError(ValueError):
+    """Bad input to the router (unknown model, non-finite joules, label out of range)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One routing decision and what the router needs to learn from it later.
+
+    `run` lists the models to execute (several when exploring); `model` is the one to serve.
+    `target` is the satisfaction target the queue uses for this request's label.
+    """
+
+    t: int
+    model: str
+    explored: bool
+    run: tuple[str, ...]
+    q: float
+    z: float
+    target: float | None
+    predicted_satisfaction: dict[str, float]
+    predicted_energy_j: dict[str, float]
+    predicted_latency_s: dict[str, float]
+    features: Features = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (msgpack/JSON), without the feature vector: the route explanation."""
+        return {
+            "t": self.t, "model": self.model, "explored": self.explored, "run": list(self.run),
+            "q": self.q, "z": self.z, "target": self.target,
+            "predicted_satisfaction": self.predicted_satisfaction,
+            "predicted_energy_j": self.predicted_energy_j,
+            "predicted_latency_s": self.predicted_latency_s,
+        }
+
+
+class Router:
+    """MESS+ router over `names` (cheapest first)."""
+
+    def __init__(self, names: Sequence[str], config: RouterConfig | None = None) -> None:
+        names = tuple(names)
+        if not names:
+            raise RouterError("the router needs at least one model name")
+        if len(set(names)) != len(names):
+            raise RouterError(f"duplicate model names in {list(names)}")
+        self.names = names
+        self.config = config or RouterConfig()
+        self._index = {name: i for i, name in enumerate(names)}
+        cfg = self.config
+        self.predictor = Predictor(
+            len(names), dim_bits=cfg.dim_bits, learning_rate=cfg.learning_rate,
+            shared=cfg.shared_head, calibration=cfg.calibration,
+        )
+        self.energy = RunningStats(len(names))
+        self.latency = RunningStats(len(names))
+        self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
+        self.t = 0
+        self.q = 0.0
+        self.z = 0.0
+        self.explorations = 0
+        self.calls = np.zeros(len(names), dtype=np.int64)
+        self.served = np.zeros(len(names), dtype=np.int64)
+        self.served_labels = 0
+        self.served_satisfaction = 0.0
+        self.lam = 0.0  # LP prior multiplier (per normalised joule)
+        self.recent = np.zeros((self.config.lp_window, len(names)))
+        self.lam_t = 0
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def _energy_estimate(self) -> np.ndarray:
+        """Running means; models never measured get a placeholder rising with their rank."""
+        est = self.energy.mean.copy()
+        unknown = self.energy.count == 0
+        if unknown.any():
+            scale = est[~unknown].max() if (~unknown).any() else 1.0
+            ranks = np.arange(1, len(self.names) + 1) / len(self.names)
+            est[unknown] = scale * ranks[unknown]
+        return est
+
+    def decide(self, text: str, deadline_ms: float | None = None) -> Decision:
+        """Choose the model(s) for one request."""
+        if not isinstance(text, str):
+            raise RouterError(f"request text must be str, got {type(text).__name__}")
+        if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
+            raise RouterError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+        cfg = self.config
+        self.t += 1
+        t = self.t
+        features = self.predictor.featurize(text)
+        sat = self.predictor.predict(features)
+        energy_j = self._energy_estimate()
+        latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
+        allowed = None
+        if deadline_ms is not None:
+            allowed = (self.latency.count == 0) | (latency_s * 1000.0 <= deadline_ms)
+        target = None
+        if cfg.alpha is not None:
+            target = min(1.0, cfg.alpha + cfg.margin * t ** -cfg.margin_decay)
+        if cfg.V == "auto":
+            v = cfg.v_auto * t**cfg.v_growth
+            energy = energy_j / energy_j.max() if energy_j.max() > 0 else energy_j
+        else:
+            v = float(cfg.V)
+            energy = energy_j
+        self.recent[t % len(self.recent)] = sat
+        hopeful = sat + cfg.optimism * self.predictor.uncertainty() if cfg.optimism else sat
+        cost = messplus.objective(
+            energy, hopeful, q=self.q + v * self.lam, v=v, alpha=target, z=self.z, energy_j=energy_j,
+            budget_j=cfg.energy_budget_j,
+        )
+        choice = messplus.choose(cost, allowed)
+        coin = self.rng.random()
+        cold = not self.energy.known()
+        explored = cold or coin < messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
+        if explored:
+            ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
+            if not ok.any():
+                ok[choice] = True
+            if cfg.explore_runs == "lean":
+                ok &= self._lean_runs(choice, energy_j, coin)
+            run_idx = np.flatnonzero(ok)
+            choice = int(run_idx[-1])
+            self.explorations += 1
+        else:
+            run_idx = np.array([choice])
+        self.calls[run_idx] += 1
+        self.served[choice] += 1
+        names = self.names
+        return Decision(
+            t=t, model=names[choice], explored=explored,
+            run=tuple(names[i] for i in run_idx), q=self.q, z=self.z, target=target,
+            predicted_satisfaction=dict(zip(names, sat.tolist())),
+            predicted_energy_j=dict(zip(names, energy_j.tolist())),
+            predicted_latency_s=dict(zip(names, latency_s.tolist())),
+            features=features,
+        )
+
+    def _lean_runs(self, choice: int, energy_j: np.ndarray, coin: float) -> np.ndarray:
+        """Cheap exploration: the choice, everything cheaper, and the next dearer model with
+        probability E_choice / E_next (so its labels cost about one more request); any model
+        with fewer than `min_labels` labels runs too."""
+        runs = np.arange(len(self.names)) <= choice
+        runs |= self.predictor.labels < self.config.min_labels
+        nxt = choice + 1
+        if nxt < len(self.names):
+            # reuse the coin: below p_t it is uniform on [0, p_t)
+            p_t = messplus.explore_probability(self.t, self.config.c, self.config.explore_exponent)
+            share = coin / p_t if p_t > 0 else 1.0
+            if share < energy_j[choice] / max(energy_j[nxt], 1e-12):
+                runs[nxt] = True
+        return runs
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def _model(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise RouterError(f"unknown model {name!r}; the zoo is {list(self.names)}") from None
+
+    @staticmethod
+    def _number(what: str, name: str, value: float) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RouterError(f"{what} for {name!r} is not a number: {value!r}") from None
+        if not (math.isfinite(number) and number >= 0.0):
+            raise RouterError(f"{what} for {name!r} must be finite and >= 0, got {value!r}")
+        return number
+
+    def observe_energy(
+        self,
+        decision: Decision,
+        energy_j: Mapping[str, float],
+        latency_s: Mapping[str, float] | None = None,
+    ) -> None:
+        """Joules (and seconds) each model of `decision.run` took; updates running means."""
+        checked = [(self._model(n), self._number("energy_j", n, v)) for n, v in energy_j.items()]
+        timed = [
+            (self._model(n), self._number("latency_s", n, v)) for n, v in (latency_s or {}).items()
+        ]
+        for m, joules in checked:
+            self.energy.add(m, joules)
+        for m, seconds in timed:
+            self.latency.add(m, seconds)
+        self._refresh_lp_prior()
+        budget = self.config.energy_budget_j
+        if budget is not None and checked:
+            total = sum(joules for _, joules in checked)
+            self.z = messplus.update_budget_queue(self.z, total, budget)
+
+    _LP_EVERY = 16
+
+    def _refresh_lp_prior(self) -> None:
+        """Re-solve the LP prior on recent predictions every few requests (off the hot path)."""
+        cfg = self.config
+        if not cfg.lp_prior or cfg.alpha is None or self.t - self.lam_t < self._LP_EVERY:
+            return
+        if self.t < len(self.recent) // 4:  # too few predictions to trust an LP on them
+            return
+        self.lam_t = self.t
+        energy_j = self._energy_estimate()
+        energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
+        target = min(1.0, cfg.alpha + cfg.margin * self.t**-cfg.margin_decay)
+        recent = self.recent[: min(self.t, len(self.recent))]
+        self.lam = messplus.multiplier_for_target(energy, recent, target)
+
+    def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
+        """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
+
+        Trains the predictor on every label; moves the queue with the served model's label.
+        """
+        checked = []
+        for name, value in labels.items():
+            label = self._number("label", name, value)
+            if label > 1.0:
+                raise RouterError(f"label for {name!r} must be in [0, 1], got {value!r}")
+            checked.append((self._model(name), label))
+        for m, label in checked:
+            self.predictor.update(decision.features, m, label)
+        served = self._index[decision.model]
+        for m, label in checked:
+            if m == served:
+                self.served_labels += 1
+                self.served_satisfaction += label
+                if decision.target is not None:
+                    self.q = messplus.update_queue(self.q, decision.target, label)
+
+    def warm_start(
+        self,
+        texts: Sequence[str],
+        labels: np.ndarray,
+        energy_j: np.ndarray | None = None,
+        latency_s: np.ndarray | None = None,
+    ) -> None:
+        """Pre-train predictor and estimates from a trace (rows: requests, columns: models)."""
+        n = len(texts)
+        shape = (n, len(self.names))
+        for what, arr in (("labels", labels), ("energy_j", energy_j), ("latency_s", latency_s)):
+            if arr is not None and np.shape(arr) != shape:
+                raise RouterError(f"warm_start {what} has shape {np.shape(arr)}, need {shape}")
+        for i, text in enumerate(texts):
+            features = self.predictor.featurize(text)
+            for m in range(len(self.names)):
+                self.predictor.update(features, m, float(labels[i, m]))
+                if energy_j is not None:
+                    self.energy.add(m, float(energy_j[i, m]))
+                if latency_s is not None:
+                    self.latency.add(m, float(latency_s[i, m]))
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names), "dim_bits": self.config.dim_bits, "t": self.t,
+            "q": self.q, "z": self.z, "lam": self.lam, "lam_t": self.lam_t,
+            "explorations": self.explorations,
+            "served_labels": self.served_labels, "served_satisfaction": self.served_satisfaction,
+            "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole learning state atomically (temp file, fsync, rename)."""
+        arrays = {
+            **self.predictor.arrays(), **self.energy.arrays("energy"),
+            **self.latency.arrays("latency"), "calls": self.calls, "served": self.served,
+            "recent": self.recent,
+        }
+        write_state(Path(path), self._meta(), arrays)
+
+    @classmethod
+    def restore(
+        cls, path: str | Path, names: Sequence[str], config: RouterConfig | None = None
+    ) -> Router:
+        """Router from a state file, with `config` for its settings (learned state from the file).
+
+        A missing file gives a fresh router. A corrupt or incompatible one (another zoo, another
+        feature size, another format version) is moved aside and StateError is raised.
+        """
+        router = cls(names, config)
+        path = Path(path)
+        if not path.exists():
+            return router
+        expect = {"names": list(router.names), "dim_bits": router.config.dim_bits}
+        meta, arrays = read_state(path, expect)
+        try:
+            router.predictor.load_arrays(arrays)
+            router.energy.load_arrays("energy", arrays)
+            router.latency.load_arrays("latency", arrays)
+            for name in ("calls", "served"):
+                if arrays[name].shape != (len(router.names),):
+                    raise ValueError(f"{name} has shape {arrays[name].shape}")
+            if arrays["recent"].shape != router.recent.shape:
+                raise ValueError(f"recent has shape {arrays['recent'].shape}")
+            router.recent = arrays["recent"].copy()
+            router.calls = arrays["calls"].copy()
+            router.served = arrays["served"].copy()
+            router.t = int(meta["t"])
+            router.q = float(meta["q"])
+            router.z = float(meta["z"])
+            router.lam = float(meta["lam"])
+            router.lam_t = int(meta["lam_t"])
+            router.explorations = int(meta["explorations"])
+            router.served_labels = int(meta["served_labels"])
+            router.served_satisfaction = float(meta["served_satisfaction"])
+            router.rng.bit_generator.state = meta["rng"]
+        except (KeyError, ValueError, TypeError) as exc:
+            aside = set_aside(path)
+            raise StateError(
+                f"router state {path}: inconsistent ({type(exc).__name__}: {exc}); "
+                f"moved aside to {aside}", aside,
+            ) from exc
+        return router
+
+    def stats(self) -> dict[str, Any]:
+        """Plain dict for `edged stats`."""
+        labels = self.served_labels
+        return {
+            "t": self.t, "q": self.q, "z": self.z, "alpha": self.config.alpha,
+            "energy_budget_j": self.config.energy_budget_j,
+            "explorations": self.explorations,
+            "explore_ratio": self.explorations / self.t if self.t else 0.0,
+            "labels": labels,
+            "mean_satisfaction": self.served_satisfaction / labels if labels else None,
+            "models": {
+                name: {
+                    "calls": int(self.calls[m]), "served": int(self.served[m]),
+                    "labels": int(self.predictor.labels[m]),
+                    "energy_j": float(self.energy.mean[m]) if self.energy.count[m] else None,
+                    "latency_s": float(self.latency.mean[m]) if self.latency.count[m] else None,
+                }
+                for m, name in enumerate(self.names)
+            },
+            "config": json.loads(json.dumps(self.config.to_dict())),
+        }
