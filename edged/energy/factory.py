@@ -84,7 +84,7 @@ def create_meter(backend: str = "auto", **options: Any) -> EnergyMeter:
         return NullMeter()
     if backend == "auto":
         _check_names(options)
-        configs = {name: _config(name, options, strict=True) for name in AUTO_ORDER}
+        configs = {name: _config(name, options, strict=False) for name in AUTO_ORDER}
         reasons = []
         for name in AUTO_ORDER:
             try:
@@ -105,7 +105,7 @@ def probe(**options: Any) -> dict[str, ProbeResult]:
     _check_names(options)
     results: dict[str, ProbeResult] = {}
     for name in BACKENDS:
-        config = _config(name, options, strict=True)
+        config = _config(name, options, strict=False)
         if name == "jtop":
             ok, why = jtop_present()
             if ok:

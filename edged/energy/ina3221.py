@@ -126,7 +126,7 @@ def discover_rails(sysfs_root: str | os.PathLike[str] = "/sys") -> list[Rail]:
     root = Path(sysfs_root)
     drivers = root / "bus/i2c/drivers"
     if not drivers.is_dir():
-        raise BackendUnavailable(BACKEND, f"no {drivers}: no I2C power monitors here (not a Jetson)")
+        raise BackendUnavailable(BACKEND, f"no {drivers}: no I2C power monitors (not a Jetson)")
     rails: list[Rail] = []
     for pattern in _HWMON_GLOBS:
         for hwmon in sorted(root.glob(pattern)):

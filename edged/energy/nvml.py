@@ -98,12 +98,12 @@ class _NvmlSource(Source):
         self._handles = list(handles)
         self._clock = clock
 
-    def _call(self, fn: Any, i: int) -> float:
+    def _call(self, fn_name: str, i: int) -> float:
         try:
-            return float(fn(self._handles[i]))
+            return float(getattr(self._nvml, fn_name)(self._handles[i]))
         except self._nvml.NVMLError as exc:
             what = "NOT_SUPPORTED" if _not_supported(self._nvml, exc) else str(exc)
-            raise EnergyReadError(f"NVML {fn.__name__} on {self.channels[i]}: {what}") from exc
+            raise EnergyReadError(f"NVML {fn_name} on {self.channels[i]}: {what}") from exc
 
 
 class NvmlCounterSource(_NvmlSource):
@@ -118,7 +118,7 @@ class NvmlCounterSource(_NvmlSource):
         self._intervals: deque[float] = deque(maxlen=64)
 
     def read(self) -> tuple[float, ...]:
-        fn = self._nvml.nvmlDeviceGetTotalEnergyConsumption
+        fn = "nvmlDeviceGetTotalEnergyConsumption"
         values = tuple(self._call(fn, i) for i in range(len(self._handles)))
         now = self._clock()
         for i, value in enumerate(values):
@@ -143,7 +143,7 @@ class NvmlPowerSource(_NvmlSource):
     """Power readings (mW) for GPUs without an energy counter (pre-Volta)."""
 
     def read(self) -> tuple[float, ...]:
-        fn = self._nvml.nvmlDeviceGetPowerUsage
+        fn = "nvmlDeviceGetPowerUsage"
         return tuple(self._call(fn, i) for i in range(len(self._handles)))
 
 
@@ -187,25 +187,27 @@ class NvmlMeter(SampledMeter):
             names.append(f"gpu{index}")
         counter = power = True
         for handle, name in zip(handles, names, strict=True):
-            for fn, kind in (
-                (nvml.nvmlDeviceGetTotalEnergyConsumption, "counter"),
-                (nvml.nvmlDeviceGetPowerUsage, "power"),
-            ):
+            works = {}
+            for fn_name in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPowerUsage"):
                 try:
-                    fn(handle)
+                    getattr(nvml, fn_name)(handle)
+                    works[fn_name] = True
                 except nvml.NVMLError as exc:
                     if not _not_supported(nvml, exc):
-                        raise BackendUnavailable(BACKEND, f"{name}: {fn.__name__}: {exc}") from exc
-                    if kind == "counter":
-                        counter = False
-                    else:
-                        power = False
-            if not counter and not power:
+                        raise BackendUnavailable(BACKEND, f"{name}: {fn_name}: {exc}") from exc
+                    works[fn_name] = False
+            if not any(works.values()):
                 raise BackendUnavailable(
                     BACKEND,
                     f"{name} answers NOT_SUPPORTED for both its energy counter and its power "
                     "reading (a Jetson iGPU? use the ina3221 backend)",
                 )
+            counter = counter and works["nvmlDeviceGetTotalEnergyConsumption"]
+            power = power and works["nvmlDeviceGetPowerUsage"]
+        if not counter and not power:
+            raise BackendUnavailable(
+                BACKEND, f"GPUs {names} share neither an energy counter nor power readings"
+            )
         source_cls = NvmlCounterSource if counter else NvmlPowerSource
         return source_cls(nvml, handles, names, clock)
 

@@ -1,0 +1,61 @@
+"""The estimate backend: CPU time x watts per core, always labelled as an estimate."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edged.energy import EnergyConfigError, EnergyReadError, EstimateConfig, EstimateMeter
+
+
+class Clock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_formula_with_injected_clocks():
+    wall, cpu = Clock(10.0), Clock(3.0)
+    meter = EstimateMeter(EstimateConfig(watts_per_core=5.0, idle_w=1.5), clock=wall, cpu_clock=cpu)
+    with meter.window() as w:
+        wall.t += 4.0
+        cpu.t += 2.0  # two core-seconds in four seconds
+    rec = w.record
+    assert rec.joules == pytest.approx(2.0 * 5.0 + 1.5 * 4.0)
+    assert rec.dynamic_joules == pytest.approx(10.0)
+    assert rec.window_s == pytest.approx(4.0)
+    assert rec.method == "estimate" and rec.approximate is True
+    assert rec.per_rail_j == {} and rec.samples == 0
+
+
+def test_real_cpu_work_costs_joules_and_sleep_does_not():
+    meter = EstimateMeter(EstimateConfig(watts_per_core=10.0))
+    with meter.window() as busy:
+        end = time.process_time() + 0.05
+        while time.process_time() < end:
+            pass
+    with meter.window() as idle:
+        time.sleep(0.05)
+    assert busy.record.joules >= 10.0 * 0.05 * 0.9
+    assert idle.record.joules < busy.record.joules / 5
+    assert meter.power_w()["total"] >= 0.0
+
+
+def test_thread_scope_must_close_in_the_opening_thread():
+    meter = EstimateMeter(EstimateConfig(scope="thread"))
+    w = meter.window().open()
+    closer = threading.Thread(target=w.close)
+    closer.start()
+    closer.join()
+    with pytest.raises(EnergyReadError, match="same thread"):
+        _ = w.record
+
+
+@pytest.mark.parametrize("cfg", [{"watts_per_core": -1}, {"idle_w": "lots"}, {"scope": "machine"}])
+def test_bad_options(cfg):
+    with pytest.raises(EnergyConfigError, match="energy option"):
+        EstimateConfig(**cfg)
