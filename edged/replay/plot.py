@@ -18,7 +18,7 @@ def plot(results: Sequence[BenchmarkResult], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.0 * len(results)), squeeze=False)
-    for row, result in zip(axes, results):
+    for row, result in zip(axes, results, strict=True):
         s = result.summary
         for name in SHOWN:
             if name not in result.curves:

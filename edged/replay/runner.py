@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -74,15 +75,15 @@ def run_benchmark(
         order = np.random.default_rng(seed).permutation(n)
         shuffled = trace.subset(order)
         runs: dict[str, Callable[[], Outcome]] = {
-            name: (lambda f=factory: run_router(shuffled, f(alpha, seed)))
+            name: partial(run_router, shuffled, factory(alpha, seed))
             for name, factory in routers.items()
         }
-        runs["random"] = lambda: baselines.random_mix(shuffled, uniform, seed)
-        runs["random_constrained"] = lambda: baselines.random_mix(shuffled, constrained, seed)
+        runs["random"] = partial(baselines.random_mix, shuffled, uniform, seed)
+        runs["random_constrained"] = partial(baselines.random_mix, shuffled, constrained, seed)
         for m, model in enumerate(trace.models):
-            runs[model] = lambda m=m: baselines.single(shuffled, m)
-        runs["static_mix"] = lambda: baselines.static_mix(shuffled, plan)
-        runs["oracle"] = lambda: baselines.oracle(shuffled, alpha)
+            runs[model] = partial(baselines.single, shuffled, m)
+        runs["static_mix"] = partial(baselines.static_mix, shuffled, plan)
+        runs["oracle"] = partial(baselines.oracle, shuffled, alpha)
         for name, run in runs.items():
             if progress is not None:
                 progress(f"{trace.benchmark}: seed {seed + 1}/{seeds} {name}")

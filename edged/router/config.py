@@ -1,4 +1,4 @@
-"""`RouterConfig`: every knob of the router, with the paper's MESS+ and edged's default as presets."""
+"""`RouterConfig`: every knob of the router; presets for the paper's MESS+ and edged's default."""
 
 from __future__ import annotations
 
@@ -101,11 +101,14 @@ class RouterConfig:
             raise bad("latency_sigma", "must be >= 0")
 
     @classmethod
-    def paper(cls, alpha: float = 0.8, V: float = 0.001, c: float = 0.1, seed: int = 0) -> RouterConfig:
+    def paper(
+        cls, alpha: float = 0.8, V: float = 0.001, c: float = 0.1, seed: int = 0
+    ) -> RouterConfig:
         """Faithful MESS+: raw-joule V, full-zoo exploration at `c / t^(1/4)`, no extras."""
         return cls(
             alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
-            min_labels=0, margin=0.0, optimism=0.0, lp_prior=False, calibration=False, shared_head=False,
+            min_labels=0, margin=0.0, optimism=0.0, lp_prior=False, calibration=False,
+            shared_head=False,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -54,10 +54,7 @@ def objective(
     penalty becomes `-V * s_m`. An energy budget adds `Z * (E_m / B - 1)` with `energy_j` in
     joules, so `energy` itself may be normalised.
     """
-    if alpha is not None:
-        cost = v * energy + q * (alpha - satisfaction)
-    else:
-        cost = -v * satisfaction
+    cost = v * energy + q * (alpha - satisfaction) if alpha is not None else -v * satisfaction
     if budget_j is not None and z > 0.0:
         joules = energy if energy_j is None else energy_j
         cost = cost + z * (joules / budget_j - 1.0)

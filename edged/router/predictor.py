@@ -100,7 +100,7 @@ class Predictor:
         self.hits = np.zeros(n_models)
         # Beta prior of strength 2 whose mean rises from 0.4 to 0.6 with cost rank: until labels
         # say otherwise, a dearer model is assumed a little better (ties would starve it).
-        self.prior = 0.5 + 0.2 * (np.linspace(0.0, 1.0, n_models) - 0.5) if n_models > 1 else np.full(1, 0.5)
+        self.prior = 0.4 + 0.2 * np.linspace(0.0, 1.0, n_models)
 
     def uncertainty(self) -> np.ndarray:
         """Standard error of each model's running success rate."""

@@ -130,8 +130,8 @@ class Router:
         self.recent[t % len(self.recent)] = sat
         hopeful = sat + cfg.optimism * self.predictor.uncertainty() if cfg.optimism else sat
         cost = messplus.objective(
-            energy, hopeful, q=self.q + v * self.lam, v=v, alpha=target, z=self.z, energy_j=energy_j,
-            budget_j=cfg.energy_budget_j,
+            energy, hopeful, q=self.q + v * self.lam, v=v, alpha=target, z=self.z,
+            energy_j=energy_j, budget_j=cfg.energy_budget_j,
         )
         choice = messplus.choose(cost, allowed)
         coin = self.rng.random()
@@ -154,9 +154,9 @@ class Router:
         return Decision(
             t=t, model=names[choice], explored=explored,
             run=tuple(names[i] for i in run_idx), q=self.q, z=self.z, target=target,
-            predicted_satisfaction=dict(zip(names, sat.tolist())),
-            predicted_energy_j=dict(zip(names, energy_j.tolist())),
-            predicted_latency_s=dict(zip(names, latency_s.tolist())),
+            predicted_satisfaction=dict(zip(names, sat.tolist(), strict=True)),
+            predicted_energy_j=dict(zip(names, energy_j.tolist(), strict=True)),
+            predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
             features=features,
         )
 

@@ -1,0 +1,136 @@
+"""Property tests of the MESS+ math and the Router's queue behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edged.router import Router, RouterConfig, RouterConfigError, RouterError, messplus
+
+labels_st = st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=300)
+
+
+@given(labels_st, st.floats(0.0, 1.0))
+def test_queue_nonnegative_and_bounds_deficit(labels: list[float], alpha: float) -> None:
+    q = 0.0
+    for s in labels:
+        q = messplus.update_queue(q, alpha, s)
+        assert q >= 0.0
+    # mean satisfaction >= alpha - Q_T / T on any label sequence
+    assert np.mean(labels) >= alpha - q / len(labels) - 1e-9
+
+
+@given(
+    st.lists(st.floats(0.1, 1e4), min_size=2, max_size=6).map(sorted),
+    st.lists(st.floats(0.0, 1.0), min_size=6, max_size=6),
+    st.floats(0.0, 10.0),
+)
+def test_zero_queue_picks_cheapest(energy: list[float], sats: list[float], v: float) -> None:
+    e = np.array(energy)
+    s = np.array(sats[: len(energy)])
+    cost = messplus.objective(e, s, q=0.0, v=v, alpha=0.8)
+    assert messplus.choose(cost) == 0
+
+
+def test_ties_go_to_cheaper_and_allowed_mask() -> None:
+    assert messplus.choose(np.array([1.0, 1.0, 2.0])) == 0
+    assert messplus.choose(np.array([1.0, 1.0, 0.5]), allowed=[True, True, False]) == 0
+    assert messplus.choose(np.array([1.0, 2.0]), allowed=[False, False]) == 0
+
+
+def test_explore_probability_and_expected_count() -> None:
+    assert messplus.explore_probability(1, 0.1) == pytest.approx(0.1)
+    assert messplus.explore_probability(16, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        messplus.explore_probability(0, 0.1)
+    t = 10_000
+    assert messplus.expected_explorations(t, 0.1) == pytest.approx(4 * 0.1 / 3 * t**0.75, rel=0.01)
+
+
+@settings(deadline=None, max_examples=5)
+@given(st.integers(0, 10_000))
+def test_router_exploration_frequency_matches_paper(seed: int) -> None:
+    horizon, c = 3000, 0.5
+    router = Router(["a", "b"], RouterConfig.paper(alpha=0.5, c=c, seed=seed))
+    for _ in range(horizon):
+        d = router.decide("x")
+        router.observe_energy(d, {name: 1.0 + i for i, name in enumerate(d.run)})
+    expected = messplus.expected_explorations(horizon, c)  # ~ (4c/3) T^(3/4)
+    assert abs(router.explorations - expected) < 4 * np.sqrt(expected) + 1
+
+
+@settings(deadline=None, max_examples=20)
+@given(labels_st, st.floats(0.05, 0.95))
+def test_router_queue_guarantee_on_any_labels(labels: list[float], alpha: float) -> None:
+    router = Router(["s", "l"], RouterConfig.paper(alpha=alpha, c=0.1))
+    served = []
+    for y in labels:
+        d = router.decide("q")
+        router.observe_energy(d, dict.fromkeys(d.run, 1.0))
+        router.observe_labels(d, {d.model: y})
+        served.append(y)
+        assert router.q >= 0.0
+    assert np.mean(served) >= alpha - router.q / len(served) - 1e-9
+
+
+def test_queue_moves_only_when_label_arrives() -> None:
+    router = Router(["s", "l"], RouterConfig.paper(alpha=0.9))
+    d = router.decide("q")
+    router.observe_energy(d, dict.fromkeys(d.run, 1.0))
+    assert router.q == 0.0
+    router.observe_labels(d, {d.model: 0.0})
+    assert router.q == pytest.approx(0.9)
+
+
+def test_cheapest_chosen_when_queue_empty() -> None:
+    router = Router(["s", "m", "l"], RouterConfig.paper(alpha=0.5, c=0.0))
+    d = router.decide("warm")  # cold start explores everything
+    assert d.explored and d.run == ("s", "m", "l") and d.model == "l"
+    router.observe_energy(d, {"s": 1.0, "m": 5.0, "l": 25.0})
+    d = router.decide("next")
+    assert not d.explored and d.model == "s" and d.q == 0.0
+
+
+def test_latency_deadline_skips_slow_models() -> None:
+    router = Router(["s", "l"], RouterConfig(alpha=0.99, c=0.0))
+    d = router.decide("a")
+    router.observe_energy(d, {"s": 1.0, "l": 2.0}, {"s": 0.01, "l": 5.0})
+    router.observe_labels(d, {"s": 0.0, "l": 1.0})
+    router.q = 100.0  # the SLA wants the large model
+    assert router.decide("b").model == "l"
+    assert router.decide("b", deadline_ms=100).model == "s"
+
+
+def test_energy_budget_queue_pushes_to_cheaper() -> None:
+    cfg = RouterConfig(alpha=None, energy_budget_j=2.0, c=0.0, V=1.0)
+    router = Router(["s", "l"], cfg)
+    d = router.decide("a")
+    router.observe_energy(d, {"s": 1.0, "l": 10.0})
+    router.observe_labels(d, {"s": 0.0, "l": 1.0})
+    assert router.z > 0.0
+    chosen = []
+    for _ in range(200):
+        d = router.decide("a")
+        router.observe_energy(d, {m: {"s": 1.0, "l": 10.0}[m] for m in d.run})
+        chosen.append(d.model)
+    mean_j = np.mean([{"s": 1.0, "l": 10.0}[m] for m in chosen])
+    assert mean_j < 3.0 and "l" in chosen
+
+
+def test_bad_input_is_typed() -> None:
+    with pytest.raises(RouterConfigError, match="alpha"):
+        RouterConfig(alpha=1.5)
+    with pytest.raises(RouterConfigError, match="V"):
+        RouterConfig(V="fast")
+    router = Router(["s", "l"])
+    d = router.decide("x")
+    with pytest.raises(RouterError, match="unknown model"):
+        router.observe_energy(d, {"xl": 1.0})
+    with pytest.raises(RouterError, match="finite"):
+        router.observe_energy(d, {"s": float("nan")})
+    with pytest.raises(RouterError, match=r"\[0, 1\]"):
+        router.observe_labels(d, {"s": 2.0})
+    with pytest.raises(RouterError):
+        Router([])
