@@ -64,7 +64,9 @@ def discover_zones(sysfs_root: str | os.PathLike[str] = "/sys") -> list[Zone]:
     """Package zones and their DRAM subzones (core/uncore lie inside package; psys is skipped)."""
     powercap = Path(sysfs_root) / "class/powercap"
     if not powercap.is_dir():
-        raise BackendUnavailable(BACKEND, f"no {powercap} (no powercap driver, or not Linux)")
+        raise BackendUnavailable(
+            BACKEND, f"no {powercap}: RAPL is not exposed (VM, container, no intel_rapl driver)"
+        )
     zones: list[Zone] = []
     for path in sorted(powercap.iterdir()):
         match = _ZONE.fullmatch(path.name)  # skips intel-rapl-mmio duplicates of package zones
