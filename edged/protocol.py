@@ -330,12 +330,12 @@ def _parse_feedback(obj: dict[str, Any], rid: str) -> FeedbackRequest:
 # -- replies ---------------------------------------------------------------------------------
 
 
-def ok_reply(request_id: str, **fields: Any) -> dict[str, Any]:
+def ok_reply(request_id: str, /, **fields: Any) -> dict[str, Any]:
     return {"v": VERSION, "id": request_id, "ok": True, **fields}
 
 
 def error_reply(
-    request_id: str | None, code: ErrorCode, message: str, **fields: Any
+    request_id: str | None, code: ErrorCode, message: str, /, **fields: Any
 ) -> dict[str, Any]:
     """`id` is nil when the request's id could not be read."""
     return {

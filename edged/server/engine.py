@@ -8,11 +8,11 @@ which is thread-safe. The router is not thread-safe: every call to it holds `rou
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,6 +88,44 @@ class _ModelStats:
     satisfied: int = 0
 
 
+class JobQueue:
+    """A bounded FIFO whose queued jobs can be withdrawn, so a cancel frees its slot at once."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Job | None] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, job: Job) -> bool:
+        """False when full."""
+        with self._cond:
+            if sum(item is not None for item in self._items) >= self.maxsize:
+                return False
+            self._items.append(job)
+            self._cond.notify()
+            return True
+
+    def put_stop(self) -> None:
+        """Wake one worker and tell it to exit (not bounded by `maxsize`)."""
+        with self._cond:
+            self._items.append(None)
+            self._cond.notify()
+
+    def get(self) -> Job | None:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._items.popleft()
+
+    def withdraw(self, job: Job) -> None:
+        with self._cond, contextlib.suppress(ValueError):
+            self._items.remove(job)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return sum(item is not None for item in self._items)
+
+
 class Engine:
     """Owns the zoo, the router, the meter and the workers; the socket loop drives it."""
 
@@ -110,7 +148,7 @@ class Engine:
         self.router_lock = threading.Lock()
         self.router_dirty = False
         self._emit = emit
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._queue = JobQueue(queue_size)
         self._lock = threading.Lock()
         self._active: dict[str, Job] = {}
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
@@ -133,14 +171,13 @@ class Engine:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the workers once the queue is empty (call after draining)."""
         for _ in self._workers:
-            self._queue.put(None)
+            self._queue.put_stop()
         end = time.monotonic() + timeout_s
         for worker in self._workers:
             worker.join(max(0.0, end - time.monotonic()))
 
     def set_queue_size(self, size: int) -> None:
-        with self._queue.mutex:
-            self._queue.maxsize = size
+        self._queue.maxsize = size
 
     @property
     def queue_size(self) -> int:
@@ -151,7 +188,7 @@ class Engine:
             return not self._active
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def in_flight(self) -> int:
         with self._lock:
@@ -175,12 +212,10 @@ class Engine:
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST, f"request id {rid!r} is already in flight", rid
                 )
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
+            if not self._queue.put(job):
                 raise ProtocolError(
                     ErrorCode.BUSY, f"the queue is full ({self._queue.maxsize} waiting)", rid
-                ) from None
+                )
             self._active[rid] = job
 
     def cancel(self, request: CancelRequest) -> dict[str, Any]:
@@ -215,6 +250,7 @@ class Engine:
                     job.stop(ErrorCode.CANCELLED)
                     if not job.started:
                         job.answered = True
+                        self._queue.withdraw(job)
                         del self._active[job.request.id]
 
     def stop_all(self) -> None:
@@ -227,6 +263,7 @@ class Engine:
 
     def _answer_queued(self, job: Job, code: ErrorCode, message: str) -> None:
         job.answered = True
+        self._queue.withdraw(job)
         self._active.pop(job.request.id, None)
         self.errors[code.value] += 1
         self._emit(job.envelope, error_reply(job.request.id, code, message, done=True))
