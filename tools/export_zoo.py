@@ -67,13 +67,19 @@ def quantize_int8(out: Path) -> tuple[int, int]:
     tmp = out / "model.int8.onnx"
     quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                      per_channel=True, use_external_data_format=big)
-    for f in out.glob("model.onnx*"):
-        f.unlink()
-    tmp.rename(src)
-    data = out / "model.int8.onnx.data"
-    if data.exists():  # external data keeps its file name inside the graph: leave it as is
-        log(f"weights stay in {data.name}")
-    after = sum(f.stat().st_size for f in out.glob("model*.onnx*"))
+    if big:  # re-save so the weights sit in model.onnx_data, where edged counts them
+        import onnx
+
+        graph = onnx.load(str(tmp))
+        for f in out.glob("model*.onnx*"):
+            f.unlink()
+        onnx.save_model(graph, str(src), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx_data")
+    else:
+        for f in out.glob("model.onnx*"):
+            f.unlink()
+        tmp.rename(src)
+    after = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     return before, after
 
 
