@@ -1,0 +1,116 @@
+"""Replay: trace loading errors, LP oracle exactness, baselines, and one real benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.cli import main
+from edged.replay import TraceError, baselines, load_trace, run_benchmark
+from edged.replay.trace import Trace
+
+HEADER = (
+    "doc_id,input_text,benchmark_name,"
+    + ",".join(f"label_{m},acc_{m},energy_consumption_{m},inference_time_{m}" for m in "abc")
+)
+
+
+def synthetic(n: int = 400, seed: int = 0) -> Trace:
+    rng = np.random.default_rng(seed)
+    hard = rng.random(n)
+    labels = np.stack([hard < p for p in (0.5, 0.7, 0.8)], axis=1).astype(float)
+    energy = np.array([1.0, 5.0, 25.0]) * rng.uniform(0.8, 1.2, (n, 3))
+    texts = tuple(f"question {i} {'hard' if h > 0.6 else 'easy'}" for i, h in enumerate(hard))
+    return Trace("synthetic", ("a", "b", "c"), texts, labels, energy, energy / 100.0)
+
+
+def test_load_trace_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "t.csv"
+    good.write_text(HEADER + "\n0,hi,t,1,1,2.0,0.1,0,0,3.0,0.2,1,1,9.0,0.3\n")
+    trace = load_trace(good)
+    assert trace.models == ("a", "b", "c") and trace.labels.tolist() == [[1.0, 0.0, 1.0]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "\n0,hi,t,1,1,oops,0.1,0,0,3.0,0.2,1,1,9.0,0.3\n")
+    with pytest.raises(TraceError, match="row 2 column energy_consumption_a"):
+        load_trace(bad)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("doc_id,input_text,label_a\n0,x,1\n")
+    with pytest.raises(TraceError, match="missing column"):
+        load_trace(missing)
+
+
+def test_oracle_is_the_lp_optimum() -> None:
+    trace = synthetic(300)
+    out = baselines.oracle(trace, 0.7)
+    assert out.satisfaction.mean() == pytest.approx(0.7)
+    assert np.allclose(out.ran.sum(1), 1.0)
+    assert out.energy_j.mean() <= trace.energy_j[:, 2].mean()
+
+
+def test_oracle_not_above_any_feasible_integral_assignment() -> None:
+    import itertools
+
+    small = synthetic(7, seed=3)
+    alpha = 0.6
+    lp = baselines.oracle(small, alpha).energy_j.sum()
+    rows = np.arange(7)
+    best = min(
+        small.energy_j[rows, list(c)].sum()
+        for c in itertools.product(range(3), repeat=7)
+        if small.labels[rows, list(c)].mean() >= alpha
+    )
+    assert lp <= best + 1e-9
+
+
+def test_static_mix_plan_meets_alpha_in_expectation() -> None:
+    trace = synthetic(1000)
+    i, j, x = baselines.static_mix_plan(trace, 0.6)
+    acc = trace.labels.mean(0)
+    assert (1 - x) * acc[i] + x * acc[j] == pytest.approx(0.6)
+
+
+def test_run_benchmark_synthetic_shape() -> None:
+    result = run_benchmark(synthetic(300), 0.7, seeds=2)
+    s = result.summary
+    assert set(s) >= {"benchmark", "alpha", "requests", "policies"}
+    for name in ("messplus", "edged", "random", "random_constrained", "a", "b", "c",
+                 "static_mix", "oracle"):
+        p = s["policies"][name]
+        assert set(p) >= {"energy_j_per_request", "satisfaction", "min_satisfaction",
+                          "explore_ratio", "call_ratio"}
+        assert len(p["call_ratio"]) == 3
+    assert s["policies"]["messplus"]["explore_ratio"] > 0
+    # exploration energy is counted: messplus runs every model when exploring
+    assert s["policies"]["messplus"]["call_ratio"][2] >= s["policies"]["messplus"]["explore_ratio"]
+    assert 0.0 <= s["calibration"]["edged"]["brier"] <= 1.0
+
+
+def test_cli_replay_writes_json(tmp_path: Path) -> None:
+    trace = synthetic(200)
+    csv = tmp_path / "synthetic.csv"
+    rows = [HEADER]
+    for k in range(len(trace)):
+        cols = [str(k), trace.texts[k], "synthetic"]
+        for m in range(3):
+            lab = trace.labels[k, m]
+            cols += [str(lab), str(lab), str(trace.energy_j[k, m]), str(trace.latency_s[k, m])]
+        rows.append(",".join(cols))
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(csv), "--alpha", "0.7", "--seeds", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "synthetic" and data["requests"] == 200
+    assert main(["replay", str(tmp_path / "nope.csv")]) == 2
+
+
+@pytest.mark.slow
+def test_edged_meets_alpha_on_real_benchmark(messplus_dir: Path) -> None:
+    trace = load_trace(messplus_dir / "boolq.csv")
+    result = run_benchmark(trace, 0.80, seeds=2)
+    edged = result.summary["policies"]["edged"]
+    assert edged["min_satisfaction"] >= 0.80
+    assert edged["energy_j_per_request"] < result.summary["policies"]["random"][
+        "energy_j_per_request"]
