@@ -32,6 +32,8 @@ from edged.energy.base import (
 )
 
 Clock = Callable[[], float]
+#: windows whose extrapolated edges exceed this fraction of their length are approximate
+HELD_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class Anchor:
     seq: int
     errors: int
     energy_mj: tuple[float, ...] | None
-    #: zero-order-hold extrapolation from the last sample (push-only sources)
+    #: zero-order-hold extrapolation from the last sample (push-only sources), and its span
     held_mj: tuple[float, ...] | None = None
+    held_s: float = 0.0
 
 
 class IdleTracker:
@@ -322,23 +325,23 @@ class Sampler:
             return self.poll()
         with self._lock:
             t = self._clock()
-            held = None
+            held, held_s = None, 0.0
             if self._count:
                 last = (self._head - 1) % self._cap
+                held_s = max(0.0, t - self._t[last])
                 held = tuple(
-                    e + p * (t - self._t[last])
-                    for e, p in zip(self._e[last], self._p[last], strict=True)
+                    e + p * held_s for e, p in zip(self._e[last], self._p[last], strict=True)
                 )
-            anchor = Anchor(t, self._seq, self._errors, None, held)
+            anchor = Anchor(t, self._seq, self._errors, None, held, held_s)
             self._pending.append(anchor)
             return anchor
 
-    def resolve(self, anchor: Anchor) -> tuple[tuple[float, ...] | None, bool]:
-        """(cumulative mJ at the anchor, whether it was held rather than measured)."""
+    def resolve(self, anchor: Anchor) -> tuple[tuple[float, ...] | None, float]:
+        """(cumulative mJ at the anchor, seconds of it extrapolated rather than measured)."""
         with self._lock:
             if anchor.energy_mj is not None:
-                return anchor.energy_mj, False
-            return anchor.held_mj, True
+                return anchor.energy_mj, 0.0
+            return anchor.held_mj, anchor.held_s
 
     def idle_w(self) -> float | None:
         with self._lock:
@@ -451,11 +454,14 @@ class SampledMeter(EnergyMeter):
             raise EnergyReadError(f"{self.backend}: no sample arrived during the window")
         per_rail_j = {ch: (b - a) / 1000.0 for ch, a, b in zip(self.channels, e0, e1, strict=True)}
         window_s = max(0.0, end.t - start.t)
+        # a held edge is a guess of the power since the last push: fine while it is a small
+        # part of the window, approximate once it is not
+        held = held0 + held1 > HELD_FRACTION * window_s
         return self._record(
             per_rail_j,
             window_s,
             samples=end.seq - start.seq,
-            approximate=held0 or held1 or end.errors != start.errors,
+            approximate=held or end.errors != start.errors,
         )
 
     def _record(
