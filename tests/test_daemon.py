@@ -44,10 +44,10 @@ class Daemon:
     """`python -m edged serve` with a NOTIFY_SOCKET we listen on, and socket helpers."""
 
     def __init__(self, workdir: Path, config: str, extra_env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), endpoint: str | None = None) -> None:
         self.workdir = workdir
         self.sockdir = Path(tempfile.mkdtemp(prefix="edged-t-", dir="/tmp"))  # short ipc paths
-        self.endpoint = f"ipc://{self.sockdir}/edged.sock"
+        self.endpoint = endpoint or f"ipc://{self.sockdir}/edged.sock"
         self.config_path = workdir / "edged.toml"
         self.config_path.write_text(config)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -125,9 +125,15 @@ def config_text(zoo: tuple[Path, Path], state: Path, **server: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def daemon(rule_zoo, tmp_path_factory) -> Iterator[Daemon]:
+def daemon_options() -> dict[str, Any]:
+    """[server] settings of the module's daemon; a test module may override this fixture."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def daemon(rule_zoo, tmp_path_factory, daemon_options) -> Iterator[Daemon]:
     work = tmp_path_factory.mktemp("daemon")
-    d = Daemon(work, config_text(rule_zoo, work / "state"))
+    d = Daemon(work, config_text(rule_zoo, work / "state", **daemon_options))
     try:
         d.wait_note("READY=1")
         yield d
