@@ -222,3 +222,18 @@ def test_live_sampler_thread_on_fake_tree(tmp_path):
         meter.close()
     assert w.record.joules == pytest.approx(7.0 * w.record.window_s)
     assert w.record.samples >= 3
+
+
+def test_garbled_value_at_start_is_unavailable_not_a_crash(tmp_path):
+    hw = orin_nano(tmp_path)
+    (hw / "curr1_input").write_text("x\n")
+    with pytest.raises(BackendUnavailable, match=r"first reading failed.*curr1_input"):
+        create_meter("ina3221", sysfs_root=str(tmp_path))
+
+
+def test_closed_meter_reads_nothing_more(tmp_path):
+    orin_nano(tmp_path)
+    meter, _ = meter_for(tmp_path)
+    meter.close()
+    with pytest.raises(EnergyReadError, match="closed"):
+        meter.sampler.poll()

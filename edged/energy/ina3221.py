@@ -160,7 +160,10 @@ class Ina3221Source(Source):
         try:
             for rail in rails:
                 self._fds.append(tuple(self._open(path) for path in rail.files))
-            self.read()
+            try:
+                self.read()
+            except EnergyReadError as exc:
+                raise BackendUnavailable(BACKEND, f"first reading failed: {exc}") from exc
         except BaseException:
             self.close()
             raise

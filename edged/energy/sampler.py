@@ -171,6 +171,7 @@ class Sampler:
         self._read_lock = threading.Lock()
         self._idle = IdleTracker(config.idle_horizon_s, fixed_w=config.idle_w)
         self._stop = threading.Event()
+        self._stopped = False
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -183,10 +184,15 @@ class Sampler:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread, then close the source under the read lock (no read in flight)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
+        with self._read_lock:
+            if not self._stopped:
+                self._stopped = True
+                self._source.close()
 
     def _run(self) -> None:
         period = self._config.period_s
@@ -215,6 +221,8 @@ class Sampler:
     def poll(self) -> Anchor:
         """Read the source now, store the sample and return it as an anchor."""
         with self._read_lock:
+            if self._stopped:
+                raise EnergyReadError(f"{self._name} is stopped: the meter was closed")
             try:
                 values = self._source.read()
             except Exception as exc:
@@ -498,4 +506,3 @@ class SampledMeter(EnergyMeter):
 
     def _release(self) -> None:
         self.sampler.stop()
-        self._source.close()
