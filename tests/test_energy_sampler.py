@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edged.energy import (
     EnergyReadError,
@@ -322,3 +324,31 @@ def test_background_thread_with_concurrent_windows():
     assert outer.record.joules == pytest.approx(2.0 * outer.record.window_s, rel=1e-9)
     assert meter.sampler.sample_count > 80 * 2
     assert meter.power_w()["a"] == pytest.approx(2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.001, 0.5), st.floats(0.0, 50_000.0), st.booleans()),
+        min_size=2,
+        max_size=60,
+    )
+)
+def test_consecutive_windows_add_up_to_the_enclosing_one(steps):
+    """Whatever the trace and wherever windows are cut, the parts sum to the whole."""
+    level = {"mw": 0.0}
+    clock, _, meter = make({"a": lambda t: level["mw"]})
+    outer = meter.window().open()
+    parts = [meter.window().open()]
+    for dt, mw, cut in steps:
+        clock.t += dt
+        level["mw"] = mw
+        meter.sampler.poll()
+        if cut:
+            parts[-1].close()
+            parts.append(meter.window().open())
+    parts[-1].close()
+    outer.close()
+    total = sum(w.record.joules for w in parts)
+    assert total == pytest.approx(outer.record.joules, rel=1e-9, abs=1e-9)
+    assert sum(w.record.window_s for w in parts) == pytest.approx(outer.record.window_s)
