@@ -75,6 +75,14 @@ def test_sighup_reloads_and_keeps_old_config_when_bad(rule_zoo, tmp_path):  # no
         assert statuses(d.notes)[0] == "RELOADING=1"
         assert d.call({"id": "h", "op": "health"})["queue_size"] == 5
 
+        d.config_path.write_text(config_text((rule_zoo[1],), state, queue_size=5))
+        d.notes.clear()
+        d.proc.send_signal(signal.SIGHUP)  # another zoo: swapped in, router rebuilt for it
+        d.wait_note("READY=1")
+        assert [m["name"] for m in d.call({"id": "m", "op": "models"})["models"]] == ["large"]
+        reply = d.call({"id": "g", "op": "generate", "prompt": "t1", "max_new_tokens": 2})
+        assert reply["ok"] and reply["model"] == "large"
+
         d.config_path.write_text("[server]\nqueue_size = -3\n")
         d.notes.clear()
         d.proc.send_signal(signal.SIGHUP)

@@ -433,8 +433,10 @@ class Server:
                 engine.router = restore_router(self.state_path, names, rconf)
                 engine.router_dirty = False
             engine.devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
-            engine.zoo = zoo
+            old_zoo, engine.zoo = engine.zoo, zoo
             engine.checker = checker
+        if old_zoo is not zoo:
+            old_zoo.close()  # a generation still running on it keeps its session until done
         engine.set_queue_size(new.server.queue_size)
         self.config = replace(
             new, server=replace(new.server, **{k: getattr(old.server, k) for k in restart_only
