@@ -293,7 +293,7 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateRequest:
         max_new_tokens=_opt_int(obj, "max_new_tokens", rid, 1, MAX_NEW_TOKENS_LIMIT),
         temperature=_opt_float(obj, "temperature", rid, 0.0, 100.0),
         top_k=_opt_int(obj, "top_k", rid, 0, 1 << 20),
-        top_p=_opt_float(obj, "top_p", rid, 0.0, 1.0),
+        top_p=_opt_float(obj, "top_p", rid, 1e-9, 1.0),
         repetition_penalty=_opt_float(obj, "repetition_penalty", rid, 0.01, 100.0),
         seed=_opt_int(obj, "seed", rid, 0, (1 << 63) - 1),
         stop=stop,
