@@ -362,3 +362,44 @@ def test_vanished_client_is_cancelled(daemon):
 def test_ipc_socket_is_group_only(daemon):
     path = Path(daemon.endpoint[len("ipc://"):])
     assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o660
+
+
+# -- exploration and a real Llama -----------------------------------------------------------------
+
+
+def test_exploration_runs_every_model_each_in_its_window(rule_zoo, tmp_path):
+    text = config_text(rule_zoo, tmp_path / "state").replace(
+        "seed = 1", 'seed = 1\nc = 1.0\nexplore_runs = "all"')  # explore on every request
+    d = Daemon(tmp_path, text)
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "e1", "op": "generate", "prompt": "t3", "max_new_tokens": 3})
+        assert reply["route"]["explored"] and set(reply["route"]["run"]) == {"small", "large"}
+        (other,) = reply["exploration"]
+        assert {other["model"], reply["model"]} == {"small", "large"}
+        assert other["text"] == reply["text"]  # same rule decoder, greedy
+        assert other["energy"]["joules"] >= 0 and reply["energy"]["joules"] >= 0
+        fb = d.call({"id": "f", "op": "feedback", "request_id": "e1",
+                     "labels": {"small": True, "large": False}})
+        assert fb["ok"] and fb["labels"] == {"small": True, "large": False}
+        stats = d.call({"id": "s", "op": "stats"})
+        assert stats["models"]["small"]["labels"] == 1 and stats["models"]["large"]["calls"] == 1
+        assert stats["router"]["explorations"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_stories260k_through_the_daemon_matches_in_process(stories260k, tmp_path):
+    onnx = stories260k / "onnx"
+    text = config_text((onnx,), tmp_path / "state")
+    d = Daemon(tmp_path, text)
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "g", "op": "generate", "prompt": "Once upon a time",
+                        "max_new_tokens": 24, "temperature": 0})
+        local = load_model(onnx).generate("Once upon a time",
+                                          params=GenerationParams(max_new_tokens=24))
+        assert reply["ok"] and reply["text"] == local.text
+        assert reply["usage"]["completion_tokens"] == local.completion_tokens
+    finally:
+        assert d.stop() == 0
