@@ -113,8 +113,11 @@ def test_async_client_many_in_flight(daemon):  # noqa: F811
             assert "".join(deltas) == stream.reply["text"]
             long = await client.stream("t4", max_new_tokens=20_000, model="small")
             with pytest.raises(Cancelled):
+                cancelled = False
                 async for _ in long:
-                    await long.cancel()
+                    if not cancelled:
+                        assert (await long.cancel())["was"] == "running"
+                        cancelled = True
 
     asyncio.run(main())
 
