@@ -98,7 +98,7 @@ def test_latency_deadline_skips_slow_models() -> None:
     d = router.decide("a")
     router.observe_energy(d, {"s": 1.0, "l": 2.0}, {"s": 0.01, "l": 5.0})
     router.observe_labels(d, {"s": 0.0, "l": 1.0})
-    router.q = 100.0  # the SLA wants the large model
+    router.debt = 100.0  # a large deficit: the SLA wants the large model
     assert router.decide("b").model == "l"
     assert router.decide("b", deadline_ms=100).model == "s"
 

@@ -21,13 +21,14 @@ class RouterConfig:
     V: Lyapunov trade-off. A number weighs raw joules (the paper); "auto" weighs energies
         normalised by the most expensive model, times `v_auto * t**v_growth`.
     c, explore_exponent: exploration coin `min(1, c / t**explore_exponent)` (paper: 1/4).
-    explore_runs: "all" runs the whole zoo on exploration (paper); "lean" runs the chosen
-        model and everything cheaper, and dearer models only while they have fewer than
-        `min_labels` labels.
+    explore_runs: "all" runs the whole zoo with probability p_t (paper); "lean" runs each
+        other model k with probability `min(1, p_t * E_choice / E_k)` (cost-proportional).
     margin, margin_decay: aim at `alpha + margin * t**-margin_decay` so that the final mean
         clears alpha despite the queue backlog Q_T / T.
     optimism: decide on `s_m + optimism * sqrt(r_m (1 - r_m) / (n_m + 2))` (r_m: the model's
         running success rate over its n_m labels), so a model with few labels gets tried.
+    signed_queue: weigh decisions by the unclipped deficit sum(target - s) instead of the
+        paper's Q (which is still kept and reported): surplus is spent, not forgotten.
     lp_prior: add the multiplier that meets the target on the predictions of the last
         `lp_window` requests (an LP on predicted satisfaction), so the queue only corrects the
         predictor's error instead of building up the whole multiplier (the deficit Q_T / T).
@@ -43,16 +44,16 @@ class RouterConfig:
     seed: int = 0
     explore_exponent: float = 0.25
     explore_runs: ExploreRuns = "lean"
-    min_labels: int = 5
     v_auto: float = 1.0
     v_growth: float = 0.0
-    margin: float = 0.0
+    margin: float = 0.07
     margin_decay: float = 0.5
-    optimism: float = 1.0
+    optimism: float = 0.0
+    signed_queue: bool = True
     lp_prior: bool = True
     lp_window: int = 512
     calibration: bool = False
-    shared_head: bool = True
+    shared_head: bool = False
     dim_bits: int = 16
     learning_rate: float = 0.02
     energy_budget_j: float | None = None
@@ -77,8 +78,6 @@ class RouterConfig:
             raise bad("explore_exponent", "must be > 0")
         if self.explore_runs not in ("all", "lean"):
             raise bad("explore_runs", 'must be "all" or "lean"')
-        if self.min_labels < 0:
-            raise bad("min_labels", "must be >= 0")
         if not self.v_auto > 0.0:
             raise bad("v_auto", "must be > 0")
         if not 0.0 <= self.v_growth <= 1.0:
@@ -107,7 +106,7 @@ class RouterConfig:
         """Faithful MESS+: raw-joule V, full-zoo exploration at `c / t^(1/4)`, no extras."""
         return cls(
             alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
-            min_labels=0, margin=0.0, optimism=0.0, lp_prior=False, calibration=False,
+            margin=0.0, optimism=0.0, signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False,
         )
 

@@ -66,7 +66,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class Predictor:
     """Online logistic regression per model (optionally with a shared weight row), AdaGrad.
 
-    logit_m(x) = logit(r_m) + b_m + (w_shared + w_m) . x, where r_m is the model's running
+    logit_m(x) = logit(r_m) + (w_shared + w_m) . x, where r_m is the model's running
     success rate (Beta(1, 1) prior): the head learns only the per-request deviation, so with
     uninformative text it falls back to the unbiased running mean instead of noise.
     With calibration, p_m = sigmoid(a_m * logit + c_m).
@@ -93,8 +93,6 @@ class Predictor:
         dim = 1 << dim_bits
         self.weights = np.zeros((rows, dim))  # row 0: shared, row 1 + m: model m
         self.grad_sq = np.full((rows, dim), 1e-8)
-        self.bias = np.zeros(n_models)
-        self.bias_grad_sq = np.full(n_models, 1e-8)
         self.calib = np.tile([1.0, 0.0], (n_models, 1))  # (a_m, c_m)
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
@@ -102,10 +100,10 @@ class Predictor:
         # say otherwise, a dearer model is assumed a little better (ties would starve it).
         self.prior = 0.4 + 0.2 * np.linspace(0.0, 1.0, n_models)
 
-    def uncertainty(self) -> np.ndarray:
-        """Standard error of each model's running success rate."""
-        rate = (self.hits + 2.0 * self.prior) / (self.labels + 2.0)
-        return np.sqrt(rate * (1.0 - rate) / (self.labels + 2.0))
+    def uncertainty(self, t: int) -> np.ndarray:
+        """UCB width of each model's running success rate after t requests:
+        sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
+        return np.sqrt(np.log1p(t) / (self.labels + 2.0))
 
     def featurize(self, text: str) -> Features:
         return featurize(text, self.dim_bits)
@@ -115,7 +113,7 @@ class Predictor:
         w = self.weights[:, features.idx] @ features.val
         own = w[1:]
         rate = (self.hits + 2.0 * self.prior) / (self.labels + 2.0)
-        base = np.log(rate / (1.0 - rate)) + self.bias
+        base = np.log(rate / (1.0 - rate))
         return base + (own + w[0] if self.shared else own)
 
     def predict(self, features: Features) -> np.ndarray:
@@ -135,8 +133,6 @@ class Predictor:
             self.calib[model, 1] = c - self._CAL_LR * g
         grad = float(_sigmoid(np.array(z))) - label
         lr = self.learning_rate
-        self.bias_grad_sq[model] += grad * grad
-        self.bias[model] -= lr * grad / np.sqrt(self.bias_grad_sq[model])
         g_vec = grad * features.val
         g_sq = g_vec * g_vec
         rows = (0, model + 1) if self.shared else (model + 1,)
@@ -150,8 +146,7 @@ class Predictor:
     def arrays(self) -> dict[str, np.ndarray]:
         """Parameters for the state file."""
         return {
-            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq, "pred_bias": self.bias,
-            "pred_bias_grad_sq": self.bias_grad_sq, "pred_calib": self.calib,
+            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq, "pred_calib": self.calib,
             "pred_labels": self.labels, "pred_hits": self.hits,
         }
 
@@ -165,8 +160,6 @@ class Predictor:
                 )
         self.weights = arrays["pred_weights"].copy()
         self.grad_sq = arrays["pred_grad_sq"].copy()
-        self.bias = arrays["pred_bias"].copy()
-        self.bias_grad_sq = arrays["pred_bias_grad_sq"].copy()
         self.calib = arrays["pred_calib"].copy()
         self.labels = arrays["pred_labels"].copy()
         self.hits = arrays["pred_hits"].copy()

@@ -80,6 +80,7 @@ class Router:
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
         self.t = 0
         self.q = 0.0
+        self.debt = 0.0  # signed running deficit sum(target - s): the queue without the clip
         self.z = 0.0
         self.explorations = 0
         self.calls = np.zeros(len(names), dtype=np.int64)
@@ -128,26 +129,27 @@ class Router:
             v = float(cfg.V)
             energy = energy_j
         self.recent[t % len(self.recent)] = sat
-        hopeful = sat + cfg.optimism * self.predictor.uncertainty() if cfg.optimism else sat
+        hopeful = sat + cfg.optimism * self.predictor.uncertainty(t) if cfg.optimism else sat
         cost = messplus.objective(
-            energy, hopeful, q=self.q + v * self.lam, v=v, alpha=target, z=self.z,
+            energy, hopeful, q=self._multiplier(v), v=v, alpha=target, z=self.z,
             energy_j=energy_j, budget_j=cfg.energy_budget_j,
         )
         choice = messplus.choose(cost, allowed)
-        coin = self.rng.random()
-        cold = not self.energy.known()
-        explored = cold or coin < messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
-        if explored:
-            ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
-            if not ok.any():
-                ok[choice] = True
-            if cfg.explore_runs == "lean":
-                ok &= self._lean_runs(choice, energy_j, coin)
-            run_idx = np.flatnonzero(ok)
-            choice = int(run_idx[-1])
-            self.explorations += 1
+        ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
+        ok[choice] = True
+        p_t = messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
+        if not self.energy.known():  # cold start: measure every model once
+            runs = ok
+        elif cfg.explore_runs == "all":
+            runs = ok if self.rng.random() < p_t else np.arange(len(ok)) == choice
         else:
-            run_idx = np.array([choice])
+            runs = ok & (self.rng.random(len(ok)) < self._lean_probability(choice, energy_j, p_t))
+            runs[choice] = True
+        run_idx = np.flatnonzero(runs)
+        explored = run_idx.size > 1
+        if explored:
+            choice = int(run_idx[-1])  # serve the dearest model that ran, as the paper does
+            self.explorations += 1
         self.calls[run_idx] += 1
         self.served[choice] += 1
         names = self.names
@@ -160,20 +162,16 @@ class Router:
             features=features,
         )
 
-    def _lean_runs(self, choice: int, energy_j: np.ndarray, coin: float) -> np.ndarray:
-        """Cheap exploration: the choice, everything cheaper, and the next dearer model with
-        probability E_choice / E_next (so its labels cost about one more request); any model
-        with fewer than `min_labels` labels runs too."""
-        runs = np.arange(len(self.names)) <= choice
-        runs |= self.predictor.labels < self.config.min_labels
-        nxt = choice + 1
-        if nxt < len(self.names):
-            # reuse the coin: below p_t it is uniform on [0, p_t)
-            p_t = messplus.explore_probability(self.t, self.config.c, self.config.explore_exponent)
-            share = coin / p_t if p_t > 0 else 1.0
-            if share < energy_j[choice] / max(energy_j[nxt], 1e-12):
-                runs[nxt] = True
-        return runs
+    @staticmethod
+    def _lean_probability(choice: int, energy_j: np.ndarray, p_t: float) -> np.ndarray:
+        """Cost-proportional exploration: run model k beside the choice with probability
+        `min(1, p_t * E_choice / E_k)`, so each extra model costs about p_t of the request:
+        cheaper models are checked often, dearer ones rarely; the next dearer model (the
+        likeliest upgrade, starved otherwise) with the paper's p_t."""
+        prob = np.minimum(1.0, p_t * energy_j[choice] / np.maximum(energy_j, 1e-12))
+        if choice + 1 < prob.size:  # the next dearer model is the likeliest better choice
+            prob[choice + 1] = p_t
+        return prob
 
     # -- feedback ----------------------------------------------------------------------------
 
@@ -216,6 +214,13 @@ class Router:
 
     _LP_EVERY = 16
 
+    def _multiplier(self, v: float) -> float:
+        """What weighs `alpha - s_m` against `V * E_m`: the paper's Q, or (edged) the LP prior
+        plus the signed deficit, which may go negative so surplus satisfaction is spent."""
+        if self.config.signed_queue:
+            return max(0.0, v * self.lam + self.debt)
+        return self.q + v * self.lam
+
     def _refresh_lp_prior(self) -> None:
         """Re-solve the LP prior on recent predictions every few requests (off the hot path)."""
         cfg = self.config
@@ -228,6 +233,8 @@ class Router:
         energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
         target = min(1.0, cfg.alpha + cfg.margin * self.t**-cfg.margin_decay)
         recent = self.recent[: min(self.t, len(self.recent))]
+        if cfg.optimism:
+            recent = recent + cfg.optimism * self.predictor.uncertainty(self.t)
         self.lam = messplus.multiplier_for_target(energy, recent, target)
 
     def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
@@ -250,6 +257,7 @@ class Router:
                 self.served_satisfaction += label
                 if decision.target is not None:
                     self.q = messplus.update_queue(self.q, decision.target, label)
+                    self.debt += decision.target - label
 
     def warm_start(
         self,
@@ -278,7 +286,8 @@ class Router:
     def _meta(self) -> dict[str, Any]:
         return {
             "names": list(self.names), "dim_bits": self.config.dim_bits, "t": self.t,
-            "q": self.q, "z": self.z, "lam": self.lam, "lam_t": self.lam_t,
+            "q": self.q, "z": self.z, "debt": self.debt, "lam": self.lam,
+            "lam_t": self.lam_t,
             "explorations": self.explorations,
             "served_labels": self.served_labels, "served_satisfaction": self.served_satisfaction,
             "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
@@ -323,6 +332,7 @@ class Router:
             router.t = int(meta["t"])
             router.q = float(meta["q"])
             router.z = float(meta["z"])
+            router.debt = float(meta["debt"])
             router.lam = float(meta["lam"])
             router.lam_t = int(meta["lam_t"])
             router.explorations = int(meta["explorations"])
@@ -341,7 +351,8 @@ class Router:
         """Plain dict for `edged stats`."""
         labels = self.served_labels
         return {
-            "t": self.t, "q": self.q, "z": self.z, "alpha": self.config.alpha,
+            "t": self.t, "q": self.q, "debt": self.debt, "lam": self.lam, "z": self.z,
+            "alpha": self.config.alpha,
             "energy_budget_j": self.config.energy_budget_j,
             "explorations": self.explorations,
             "explore_ratio": self.explorations / self.t if self.t else 0.0,
