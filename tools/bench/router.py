@@ -1,0 +1,97 @@
+"""Router micro-benchmark: decide() latency (p50/p99 us) and label-update time, 3 and 8 models.
+
+Compares edged's default RouterConfig with the faithful MESS+ configuration (the named
+baseline) in the same run; prints a table and writes JSON (ratios edged / baseline).
+
+    python tools/bench/router.py [--requests 5000] [--json bench-router.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from edged.router import Router, RouterConfig
+
+WORDS = [
+    "which", "planet", "rotates", "faster", "after", "an", "impact", "the", "most", "likely",
+    "effect", "of", "increase", "in", "rotation", "energy", "cells", "photosynthesis", "mold",
+    "spores", "safety", "equipment", "field", "extension", "degree", "index",
+]
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(5, 30))) + "?" for _ in range(n)]
+
+
+def measure(names: list[str], config: RouterConfig, prompts: list[str]) -> dict[str, float]:
+    router = Router(names, config)
+    rng = np.random.default_rng(1)
+    energy = {n: 10.0 * 3**i for i, n in enumerate(names)}
+    decide_ns, update_ns = [], []
+    for text in prompts:
+        t0 = time.perf_counter_ns()
+        d = router.decide(text)
+        t1 = time.perf_counter_ns()
+        router.observe_energy(d, {m: energy[m] for m in d.run})
+        router.observe_labels(d, {m: float(rng.random() < 0.7) for m in d.run})
+        t2 = time.perf_counter_ns()
+        decide_ns.append(t1 - t0)
+        update_ns.append(t2 - t1)
+    warm = len(prompts) // 10  # skip the cold start
+    dec = np.array(decide_ns[warm:]) / 1000.0
+    upd = np.array(update_ns[warm:]) / 1000.0
+    return {
+        "decide_p50_us": float(np.percentile(dec, 50)),
+        "decide_p99_us": float(np.percentile(dec, 99)),
+        "update_p50_us": float(np.percentile(upd, 50)),
+        "update_p99_us": float(np.percentile(upd, 99)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--json", default="bench-router.json")
+    args = parser.parse_args()
+    prompts = texts(args.requests)
+    configs = {
+        "messplus (baseline)": RouterConfig.paper(alpha=0.7),
+        "edged": RouterConfig(alpha=0.7),
+    }
+    rows = []
+    for n_models in (3, 8):
+        names = [f"m{i}" for i in range(n_models)]
+        for label, config in configs.items():
+            print(f"\r{n_models} models, {label} ...", end="", file=sys.stderr, flush=True)
+            rows.append({"models": n_models, "config": label, **measure(names, config, prompts)})
+    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    print(f"{'models':>6} {'config':20} {'decide p50':>10} {'decide p99':>10} "
+          f"{'update p50':>10} {'update p99':>10}  (us)")
+    for r in rows:
+        print(f"{r['models']:>6} {r['config']:20} {r['decide_p50_us']:10.1f} "
+              f"{r['decide_p99_us']:10.1f} {r['update_p50_us']:10.1f} {r['update_p99_us']:10.1f}")
+    ratios = {}
+    for n_models in (3, 8):
+        base = next(r for r in rows if r["models"] == n_models and r["config"].startswith("mess"))
+        ours = next(r for r in rows if r["models"] == n_models and r["config"] == "edged")
+        ratios[str(n_models)] = {k: ours[k] / base[k] for k in base if k.endswith("_us")}
+        print(f"edged / messplus, {n_models} models: "
+              + ", ".join(f"{k} x{v:.2f}" for k, v in ratios[str(n_models)].items()))
+    with open(args.json, "w") as handle:
+        json.dump({"baseline": "messplus (RouterConfig.paper)", "requests": args.requests,
+                   "rows": rows, "ratio_edged_over_baseline": ratios}, handle, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
