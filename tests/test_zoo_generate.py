@@ -205,3 +205,24 @@ def test_silent_onnxruntime_fallback_is_caught(rule_dir: Path, monkeypatch) -> N
         load_model(rule_dir, asked, allow_fallback=False)
     with pytest.warns(ProviderFallbackWarning, match="asked for CUDAExecutionProvider"):
         assert load_model(rule_dir, asked).provider == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("which", ["rule", "llama"])
+def test_iobinding_path_gives_the_same_ids(which: str, rule, llama, monkeypatch) -> None:
+    """The CUDA path (IOBinding, cache kept as OrtValues) run here with device "cpu"."""
+    import edged.zoo.generate as gen
+
+    model = rule if which == "rule" else llama
+    params = GenerationParams(max_new_tokens=30)
+    plain = model.generate("t3 t5 t9", params=params).token_ids
+    used: list[str] = []
+    real = gen.BoundRunner
+
+    def spy(*args, **kw):
+        used.append(args[-1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "GPU_PROVIDERS", {"CPUExecutionProvider": "cpu"})
+    monkeypatch.setattr(gen, "BoundRunner", spy)
+    bound = model.generate("t3 t5 t9", params=params).token_ids
+    assert used == ["cpu"] and bound == plain

@@ -112,7 +112,9 @@ def append_to_manifest(manifest: Path, name: str, path: Path, *, providers: list
     text = text.rstrip("\n") + "\n" + block
     tomllib.loads(text)  # never write a manifest that does not parse
     manifest.parent.mkdir(parents=True, exist_ok=True)
+    mode = manifest.stat().st_mode & 0o777 if manifest.is_file() else 0o644
     fd, tmp = tempfile.mkstemp(dir=manifest.parent, prefix=".zoo.toml.")
+    os.fchmod(fd, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
