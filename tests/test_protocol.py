@@ -37,11 +37,11 @@ def code_of(obj) -> tuple[str, str | None]:
 
 
 def test_error_codes_are_stable():
-    assert ERROR_CODES == {
+    assert {
         "bad_request", "unsupported_version", "unknown_op", "too_large", "busy", "shutting_down",
         "deadline_exceeded", "cancelled", "unknown_request", "model_not_found", "model_error",
         "internal",
-    }
+    } == ERROR_CODES
 
 
 def test_generate_roundtrip_through_msgpack():
