@@ -270,10 +270,10 @@ class Engine:
 
     def feedback(self, request: FeedbackRequest) -> dict[str, Any]:
         rid = request.request_id
-        finished = self._finished.get(rid)
+        with self._lock:
+            finished = self._finished.get(rid)
+            running = rid in self._active
         if finished is None:
-            with self._lock:
-                running = rid in self._active
             why = "is still running" if running else "is unknown or too old"
             raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"request {rid!r} {why}", request.id)
         if finished.decision is None:
@@ -315,7 +315,8 @@ class Engine:
                 reply = self._run(job)
             except ProtocolError as exc:
                 self.errors[exc.code.value] += 1
-                reply = error_reply(job.request.id, exc.code, exc.message, **exc_fields(exc))
+                extra = {"text": exc.text} if isinstance(exc, Stopped) else {}
+                reply = error_reply(job.request.id, exc.code, exc.message, **extra)
             except Exception as exc:  # the daemon must outlive a bug in one request
                 log.exception("request %s failed", job.request.id)
                 self.errors[ErrorCode.INTERNAL.value] += 1
@@ -349,11 +350,9 @@ class Engine:
             out = self._generate(zoo, name, job, stream=req.stream and name == primary)
             if out.result.finish_reason == "cancelled":
                 if name == primary:
-                    raise ProtocolError(
-                        job.reason or ErrorCode.CANCELLED,
-                        _stopped_message(job.reason, out.result),
-                        req.id,
-                    ) from _Partial(out.result.text)
+                    raise Stopped(job.reason or ErrorCode.CANCELLED,
+                                  _stopped_message(job.reason, out.result), req.id,
+                                  out.result.text)
                 break
             outputs[name] = out
         energy_j = {m: o.record.joules for m, o in outputs.items() if o.record is not None}
@@ -492,17 +491,12 @@ class Engine:
             return True
 
 
-class _Partial(Exception):
-    """Carries the text generated before a stop, for the error reply."""
+class Stopped(ProtocolError):
+    """A generation stopped early (cancel, deadline, shutdown); `text` is what it had produced."""
 
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
+    def __init__(self, code: ErrorCode, message: str, request_id: str, text: str) -> None:
+        super().__init__(code, message, request_id)
         self.text = text
-
-
-def exc_fields(exc: ProtocolError) -> dict[str, Any]:
-    cause = exc.__cause__
-    return {"text": cause.text} if isinstance(cause, _Partial) else {}
 
 
 def _stopped_message(reason: ErrorCode | None, result: GenerationResult) -> str:
