@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -87,8 +89,6 @@ def tiny_model(arch: str, base: Path) -> tuple[Path, Path]:
 
 
 # -- token-for-token parity with transformers greedy ----------------------------------------
-import pytest  # noqa: E402
-
 PROMPTS = ["Once upon a time", "日本語 🙂 café", "def add(a, b):\n"]
 
 
