@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 VERSION = 1
+SOCKET_NAME = "edged.sock"  # the default endpoint is ipc://<runtime dir>/edged.sock
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_ID_CHARS = 128
 MAX_STOP_SEQUENCES = 8

@@ -61,9 +61,10 @@ def endpoint_of(args: argparse.Namespace) -> str:
     env = os.environ.get("EDGED_ENDPOINT")
     if env:
         return env
-    from edged.server.app import default_endpoint
+    from edged.paths import runtime_dir
+    from edged.protocol import SOCKET_NAME
 
-    return default_endpoint()
+    return f"ipc://{runtime_dir() / SOCKET_NAME}"
 
 
 def _client(args: argparse.Namespace, retries: int = 2) -> Any:

@@ -32,6 +32,7 @@ from edged.energy import (
 )
 from edged.paths import demo_zoo_dir, runtime_dir, state_dir
 from edged.protocol import (
+    SOCKET_NAME,
     CancelRequest,
     ErrorCode,
     FeedbackRequest,
@@ -85,7 +86,7 @@ def resolve_config(path: Path | None, overrides: Overrides) -> Config:
 
 
 def default_endpoint() -> str:
-    return f"ipc://{runtime_dir() / 'edged.sock'}"
+    return f"ipc://{runtime_dir() / SOCKET_NAME}"
 
 
 def build_zoo(config: Config) -> Zoo:
