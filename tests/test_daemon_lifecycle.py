@@ -188,3 +188,17 @@ def test_stale_socket_file_is_replaced(rule_zoo, tmp_path):  # noqa: F811
             assert second.stop() == 0
     finally:
         d.close()
+
+
+def test_serve_model_dirs_without_a_config_file(rule_zoo, tmp_path):  # noqa: F811
+    d = Daemon(tmp_path, "", args=("--model", str(rule_zoo[1]), "--model", str(rule_zoo[0]),
+                                   "--state-dir", str(tmp_path / "state")))
+    try:
+        d.wait_note("READY=1")
+        names = [m["name"] for m in d.call({"id": "m", "op": "models"})["models"]]
+        assert names == ["large", "small"]  # the order given is the cost order
+        reply = d.call({"id": "g", "op": "generate", "prompt": "t2", "max_new_tokens": 2})
+        assert reply["ok"] and reply["energy"] is not None
+    finally:
+        assert d.stop() == 0
+    assert (tmp_path / "state" / "router-state.npz").is_file()
