@@ -148,6 +148,8 @@ class Server:
         self._local = threading.local()
         self._main = threading.get_ident()
         self._auth: Any = None
+        self._meter: EnergyMeter | None = None
+        self._zoo: Zoo | None = None
         self.received = 0
         self.dropped = 0
         self.started = time.monotonic()
@@ -160,19 +162,25 @@ class Server:
         try:
             self._start()
         except (ConfigError, StartupError, SecurityError) as exc:
-            log.error("%s", exc)
-            self.notifier.status(f"failed: {exc}")
-            self._close()
-            return 2
+            return self._failed(2, str(exc))
         except (EnergyError, zmq.ZMQError, OSError) as exc:
-            log.error("cannot start: %s", exc)
-            self.notifier.status(f"failed: {exc}")
-            self._close()
-            return 1
+            return self._failed(1, f"cannot start: {exc}")
+        except Exception as exc:  # a bug: say so in the journal and in systemd's status
+            log.exception("cannot start")
+            return self._failed(1, f"cannot start: {type(exc).__name__}: {exc}")
         try:
             return self._loop()
         finally:
             self._close()
+            self.notifier.status("stopped")
+            self.notifier.close()
+
+    def _failed(self, code: int, message: str) -> int:
+        log.error("%s", message)
+        self._close()
+        self.notifier.status(f"failed: {message}")
+        self.notifier.close()
+        return code
 
     def _start(self) -> None:
         self.notifier.status("reading config")
@@ -182,14 +190,14 @@ class Server:
         check_endpoint(self.endpoint, server)
         self.state_path = (server.state_dir or state_dir()) / STATE_FILE
         self.notifier.status("loading models")
-        zoo = build_zoo(self.config)
+        zoo = self._zoo = build_zoo(self.config)
         devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
         rconf = build_router_config(self.config)
         checker = build_checker(self.config, zoo)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         router = restore_router(self.state_path, list(zoo.names), rconf)
         try:
-            meter: EnergyMeter = create_meter(
+            meter = self._meter = create_meter(
                 self.config.energy.backend, **self.config.energy.options
             )
         except (EnergyConfigError, BackendUnavailable) as exc:
@@ -448,17 +456,19 @@ class Server:
         self.notifier.ready(f"serving {len(zoo.names)} models on {self.endpoint}")
 
     def _close(self) -> None:
-        self.notifier.status("stopped")
+        """Release everything `_start` got, however far it came."""
         if self._auth is not None:
             self._auth.stop()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         if self.endpoint_path is not None:
             self.endpoint_path.unlink(missing_ok=True)
+        if self._meter is not None:
+            self._meter.close()
         engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.meter.close()
-        self.notifier.close()
+        zoo = engine.zoo if engine is not None else self._zoo
+        if zoo is not None:
+            zoo.close()
 
     @property
     def endpoint_path(self) -> Path | None:
