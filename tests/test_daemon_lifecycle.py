@@ -202,3 +202,27 @@ def test_serve_model_dirs_without_a_config_file(rule_zoo, tmp_path):  # noqa: F8
     finally:
         assert d.stop() == 0
     assert (tmp_path / "state" / "router-state.npz").is_file()
+
+
+def test_second_sigterm_stops_in_flight_work(rule_zoo, tmp_path):  # noqa: F811
+    d = Daemon(tmp_path, config_text(rule_zoo, tmp_path / "state"))
+    try:
+        d.wait_note("READY=1")
+        sock = d.socket()
+        send(sock, {"id": "long", "op": "generate", "prompt": "t1", "max_new_tokens": 60_000,
+                    "stream": True, "model": "small"})
+        assert sock.poll(30_000)
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_note("STOPPING=1", 10)
+        late = d.socket()  # draining: no new generations
+        send(late, {"id": "late", "op": "generate", "prompt": "t1"})
+        assert late.poll(10_000)
+        assert msgpack.unpackb(late.recv_multipart()[-1])["error"]["code"] == "shutting_down"
+        late.close()
+        d.proc.send_signal(signal.SIGTERM)
+        _, final = collect(sock, ["long"])["long"]
+        sock.close()
+        assert final["error"]["code"] == "shutting_down" and final["text"]
+        assert d.proc.wait(30) == 0
+    finally:
+        d.close()
