@@ -150,7 +150,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     def health(client: Any) -> int:
         reply = client.health()
-        print(json.dumps({k: v for k, v in reply.items() if k not in ("v", "ok")},
+        print(json.dumps({k: v for k, v in reply.items() if k not in ("v", "ok", "id")},
                          sort_keys=True))
         return 0 if reply.get("status") == "serving" else EXIT_REMOTE
 
