@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
 STORIES = REPO.parent / "shared" / "models" / "stories260K" / "onnx"
 CONCURRENCY = (1, 4, 16)
+ROUNDS = 5
 
 
 def status(text: str) -> None:
@@ -47,8 +48,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_clients(n_clients: int, n_requests: int, call: Callable[[Any], None],
-                setup: Callable[[], Any], teardown: Callable[[Any], None]) -> dict[str, float]:
-    """`n_requests` calls spread over `n_clients` threads; latency per call, throughput overall."""
+                setup: Callable[[], Any], teardown: Callable[[Any], None]
+                ) -> tuple[list[float], float]:
+    """`n_requests` calls spread over `n_clients` threads: latencies (ms) and wall time (s)."""
     latencies: list[float] = []
     lock = threading.Lock()
     per_client = max(1, n_requests // n_clients)
@@ -73,10 +75,13 @@ def run_clients(n_clients: int, n_requests: int, call: Callable[[Any], None],
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return latencies, time.perf_counter() - t0
+
+
+def summary(latencies: list[float], wall_s: float) -> dict[str, float]:
     return {
         "requests": len(latencies),
-        "rps": len(latencies) / wall,
+        "rps": len(latencies) / wall_s,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "mean_ms": statistics.fmean(latencies),
@@ -172,10 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         for call, setup, teardown in kinds.values():  # warm up every path
             run_clients(1, 20, call, setup, teardown)
         for n in CONCURRENCY:
-            for name, (call, setup, teardown) in kinds.items():
-                status(f"{name}, {n} clients ...")
-                row = run_clients(n, args.requests, call, setup, teardown)
-                results.append({"kind": name, "clients": n, **row})
+            # interleaved rounds, so a burst of load elsewhere hits every kind alike
+            lat: dict[str, list[float]] = {name: [] for name in kinds}
+            wall = dict.fromkeys(kinds, 0.0)
+            for r in range(ROUNDS):
+                for name, (call, setup, teardown) in kinds.items():
+                    status(f"{n} clients, round {r + 1}/{ROUNDS}: {name} ...")
+                    got, seconds = run_clients(n, args.requests // ROUNDS, call, setup,
+                                               teardown)
+                    lat[name] += got
+                    wall[name] += seconds
+            for name in kinds:
+                results.append({"kind": name, "clients": n, **summary(lat[name], wall[name])})
     finally:
         status("")
         ctx.destroy(linger=0)
@@ -209,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{a['added_p99_ms']:>9.3f} {a['p99_ratio']:>7.2f} {a['rps_ratio']:>8.2f}")
     one = added[0]
     verdict = "meets" if one["added_p99_ms"] < 2.0 else "misses"
-    print(f"\n1 client: +{one['added_p99_ms']:.3f} ms p99 added -> {verdict} the < 2 ms goal")
+    print(f"\n1 client: {one['added_p50_ms']:+.3f} ms p50, {one['added_p99_ms']:+.3f} ms p99 "
+          f"added -> {verdict} the < 2 ms p99 goal"
+          + (" (p99 below the baseline's: tail noise dominates)" if one["added_p99_ms"] < 0
+             else ""))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"model": str(models[0]), "requests": args.requests, "energy": args.energy,
