@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 
 import pytest
@@ -70,3 +71,22 @@ def test_watchdog_interval(monkeypatch, usec, pid, expected):
         else:
             monkeypatch.setenv(key, str(os.getpid()) if value == "self" else value)
     assert Notifier("").watchdog_interval_s == expected
+
+
+def test_keepalive_pings_while_the_loop_is_busy(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # ping every 50 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    sock, address = listen(tmp_path, abstract=False)
+    notifier = Notifier(address)
+    with notifier.keepalive():
+        time.sleep(0.3)
+    pings = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            pings.append(sock.recv(64))
+    except TimeoutError:
+        pass
+    assert len(pings) >= 3 and set(pings) == {b"WATCHDOG=1"}
+    notifier.close()
+    sock.close()

@@ -418,7 +418,11 @@ class Server:
         old = self.config
         try:
             new = resolve_config(self.config_path, self.overrides)
-            zoo = build_zoo(new) if new.models != old.models else self.engine.zoo
+            if new.models != old.models:
+                with self.notifier.keepalive():  # loading blocks the loop's watchdog pings
+                    zoo = build_zoo(new)
+            else:
+                zoo = self.engine.zoo
             rconf = build_router_config(new)
             checker = build_checker(new, zoo)
         except (ConfigError, StartupError) as exc:

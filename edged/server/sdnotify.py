@@ -7,9 +7,12 @@ systemd (`NOTIFY_SOCKET` unset) every call is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 
 class Notifier:
@@ -54,6 +57,27 @@ class Notifier:
 
     def stopping(self, status: str = "draining") -> bool:
         return self.notify("STOPPING=1", f"STATUS={status}")
+
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Ping the watchdog from a helper thread while the serving loop is busy (a reload)."""
+        interval = self.watchdog_interval_s
+        if interval is None or self._address is None:
+            yield
+            return
+        done = threading.Event()
+
+        def ping() -> None:
+            while not done.wait(interval):
+                self.notify("WATCHDOG=1")
+
+        thread = threading.Thread(target=ping, name="edged-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def close(self) -> None:
         if self._sock is not None:
