@@ -351,11 +351,11 @@ class Server:
             request = parse_request(obj)
             reply = self._dispatch(request, envelope)
         except ProtocolError as exc:
-            self.engine.errors[exc.code.value] += 1
+            self.engine.count_error(exc.code)
             reply = error_reply(exc.request_id or rid, exc.code, exc.message)
         except Exception as exc:  # a bug in one request must not stop the daemon
             log.exception("request failed")
-            self.engine.errors[ErrorCode.INTERNAL.value] += 1
+            self.engine.count_error(ErrorCode.INTERNAL)
             reply = error_reply(rid, ErrorCode.INTERNAL, type(exc).__name__)
         if reply is not None:
             self._emit(envelope, reply)

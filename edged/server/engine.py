@@ -183,6 +183,10 @@ class Engine:
     def queue_size(self) -> int:
         return self._queue.maxsize
 
+    def count_error(self, code: ErrorCode) -> None:
+        with self._lock:
+            self.errors[code.value] += 1
+
     def idle(self) -> bool:
         with self._lock:
             return not self._active
@@ -265,7 +269,7 @@ class Engine:
         job.answered = True
         self._queue.withdraw(job)
         self._active.pop(job.request.id, None)
-        self.errors[code.value] += 1
+        self.errors[code.value] += 1  # under self._lock (callers hold it)
         self._emit(job.envelope, error_reply(job.request.id, code, message, done=True))
 
     def feedback(self, request: FeedbackRequest) -> dict[str, Any]:
@@ -314,12 +318,12 @@ class Engine:
             try:
                 reply = self._run(job)
             except ProtocolError as exc:
-                self.errors[exc.code.value] += 1
+                self.count_error(exc.code)
                 extra = {"text": exc.text} if isinstance(exc, Stopped) else {}
                 reply = error_reply(job.request.id, exc.code, exc.message, **extra)
             except Exception as exc:  # the daemon must outlive a bug in one request
                 log.exception("request %s failed", job.request.id)
-                self.errors[ErrorCode.INTERNAL.value] += 1
+                self.count_error(ErrorCode.INTERNAL)
                 reply = error_reply(job.request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}")
             reply["done"] = True
             with self._lock:
@@ -473,13 +477,17 @@ class Engine:
             }
         return {
             "completed": self.completed,
-            "errors": dict(self.errors),
+            "errors": self._error_counts(),
             "queue": self.depth(),
             "queue_size": self.queue_size,
             "in_flight": self.in_flight(),
             "models": models,
             "router": router_stats,
         }
+
+    def _error_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.errors)
 
     def save(self, path: Path) -> bool:
         """Persist the router state (atomic in Router.save) if it changed; True when written."""
