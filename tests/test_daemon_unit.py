@@ -50,3 +50,11 @@ def test_systemd_analyze_verify(tmp_path):
                           capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stderr
     assert "edged.service" not in proc.stderr, proc.stderr  # no warning about our unit
+
+
+def test_one_worker_per_device_named_by_provider():
+    from edged.server.app import device_of
+
+    assert device_of("CPUExecutionProvider") == "cpu"
+    assert device_of("CUDAExecutionProvider") == device_of("TensorrtExecutionProvider") == "cuda"
+    assert device_of("CoreMLExecutionProvider") == "coreml"
