@@ -185,3 +185,35 @@ def test_from_dirs_and_concurrent_gets(root: Path) -> None:
     assert results == [expected([2], 6)] * 6
     with pytest.raises(ManifestError, match="distinct"):
         Zoo.from_dirs([root / "small", root / "small"])
+
+
+def test_a_slow_load_does_not_block_loaded_models(root: Path, monkeypatch) -> None:
+    """While `large` loads (held at a gate here), `small` keeps serving; a second `get(large)`
+    waits for the first load instead of loading twice."""
+    import edged.zoo.manifest as manifest_module
+
+    zoo = Zoo.from_manifest(write(root, '[zoo]\nload = "lazy"\n' + MODELS))
+    small = zoo.get("small")
+    entered, release = threading.Event(), threading.Event()
+    loads: list[str] = []
+    real = manifest_module.LoadedModel
+
+    def held(path, **kw):
+        loads.append(kw["name"])
+        if kw["name"] == "large":
+            entered.set()
+            assert release.wait(10)
+        return real(path, **kw)
+
+    monkeypatch.setattr(manifest_module, "LoadedModel", held)
+    got: list[object] = []
+    workers = [threading.Thread(target=lambda: got.append(zoo.get("large"))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    assert entered.wait(10)
+    assert zoo.get("small") is small  # not blocked by the load in flight
+    assert small.generate("t1", params=GenerationParams(max_new_tokens=2)).completion_tokens == 2
+    release.set()
+    for w in workers:
+        w.join(10)
+    assert len(got) == 2 and got[0] is got[1] and loads == ["large"]

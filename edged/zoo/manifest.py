@@ -203,7 +203,9 @@ class Zoo:
         self._entries = {m.name: m for m in manifest.models}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
         self._failures: dict[str, ModelLoadError] = {}
-        self._lock = threading.RLock()
+        self._reserved: dict[str, int] = {}  # bytes of models being loaded right now
+        self._gates: dict[str, threading.Lock] = {name: threading.Lock() for name in self.names}
+        self._lock = threading.Lock()  # guards the dicts; never held while a model loads
         if manifest.settings.load == "eager":
             self._load_eagerly()
 
@@ -261,24 +263,24 @@ class Zoo:
 
     # -- loading ---------------------------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
-        """The model, loading it if needed; raises its recorded ModelLoadError if it failed."""
+        """The model, loading it if needed; raises its recorded ModelLoadError if it failed.
+
+        A load holds only that model's gate, so requests for models already loaded go on.
+        """
+        self._entry(name)
         with self._lock:
-            self._entry(name)
-            if name in self._loaded:
-                self._loaded.move_to_end(name)
-                return self._loaded[name]
-            if name in self._failures:
-                raise self._failures[name]
-            return self._load(name)
+            ready = self._ready(name)
+        if ready is not None:
+            return ready
+        with self._gates[name]:  # one loader per model; the others wait for its outcome
+            return self._load(name, evict=True)
 
     def load(self, name: str) -> LoadedModel:
         """(Re)load a model now, forgetting an earlier failure (e.g. after fixing its files)."""
-        with self._lock:
-            self._entry(name)
+        self._entry(name)
+        with self._gates[name], self._lock:
             self._failures.pop(name, None)
-            if name in self._loaded:
-                return self.get(name)
-            return self._load(name)
+        return self.get(name)
 
     def unload(self, name: str) -> bool:
         """Drop a loaded model; True if it was loaded."""
@@ -299,33 +301,57 @@ class Zoo:
         except KeyError:
             raise UnknownModelError(f"no model {name!r} in the zoo (have {self.names})") from None
 
-    def _load(self, name: str, *, evict: bool = True) -> LoadedModel:
+    def _ready(self, name: str) -> LoadedModel | None:
+        """Under the lock: the loaded model (now most recent), its recorded failure, or None."""
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return self._loaded[name]
+        if name in self._failures:
+            raise self._failures[name]
+        return None
+
+    def _load(self, name: str, *, evict: bool) -> LoadedModel:
+        """Under the model's gate: make room, load outside the lock, record the outcome."""
         entry = self._entries[name]
+        with self._lock:
+            ready = self._ready(name)
+            if ready is not None:
+                return ready
+            try:
+                self._reserved[name] = self._make_room(entry, evict=evict)
+            except ModelLoadError as exc:
+                self._failures[name] = exc
+                raise
         try:
-            self._make_room(entry, evict=evict)
             model = LoadedModel(entry.path, name=name, session_config=entry.session,
                                 defaults=entry.generation, context=entry.context)
         except ModelLoadError as exc:
-            self._failures[name] = exc
+            with self._lock:
+                self._reserved.pop(name, None)
+                self._failures[name] = exc
             raise
-        self._loaded[name] = model
+        with self._lock:
+            self._reserved.pop(name, None)
+            self._loaded[name] = model
         return model
 
-    def _make_room(self, entry: ModelEntry, *, evict: bool) -> None:
+    def _make_room(self, entry: ModelEntry, *, evict: bool) -> int:
+        """Under the lock: evict least recently used models until `entry` fits; its bytes."""
         cap = self.manifest.settings.memory_cap_mb * 2**20
         if not cap or not entry.path.is_dir():
-            return  # no cap, or LoadedModel will report the missing directory
+            return 0  # no cap, or LoadedModel will report the missing directory
         need = model_size_bytes(find_model_file(entry.path, entry.name))
         if need > cap:
             raise ModelLoadError(entry.name, f"needs {need / 2**20:.1f} MiB, more than the zoo's "
                                              f"memory_cap_mb {cap / 2**20:g}")
-        used = sum(m.size_bytes for m in self._loaded.values())
+        used = sum(m.size_bytes for m in self._loaded.values()) + sum(self._reserved.values())
         while self._loaded and used + need > cap:
             if not evict:
                 raise _NoRoom
             _, model = self._loaded.popitem(last=False)
             used -= model.size_bytes
             model.close()
+        return need  # over the cap only while other loads are in flight: they finish first
 
     def _load_eagerly(self) -> None:
         for name in self.names:
