@@ -33,6 +33,9 @@ class RouterConfig:
         `lp_window` requests (an LP on predicted satisfaction), so the queue only corrects the
         predictor's error instead of building up the whole multiplier (the deficit Q_T / T).
     calibration: online Platt scaling of the predictor's logits.
+    prior_strength, prior_step: model m's success rate starts at model m-1's plus
+        `prior_step`, worth `prior_strength` labels; prior_step 0 gives every model an
+        uninformed Beta(1, 1) (the paper's setting).
     shared_head: a weight vector shared by all models (difficulty is shared) plus one per model.
     energy_budget_j: optional mean joules per request, enforced by a second virtual queue.
     latency_sigma: a deadline skips models whose mean + sigma * std latency exceeds it.
@@ -54,6 +57,8 @@ class RouterConfig:
     lp_window: int = 512
     calibration: bool = False
     shared_head: bool = False
+    prior_strength: float = 20.0
+    prior_step: float = 0.03
     dim_bits: int = 16
     learning_rate: float = 0.02
     energy_budget_j: float | None = None
@@ -86,6 +91,10 @@ class RouterConfig:
             raise bad("margin", "must be in [0, 1]")
         if self.margin_decay < 0.0:
             raise bad("margin_decay", "must be >= 0")
+        if self.prior_strength <= 0.0:
+            raise bad("prior_strength", "must be > 0")
+        if not 0.0 <= self.prior_step <= 0.5:
+            raise bad("prior_step", "must be in [0, 0.5]")
         if not 8 <= self.dim_bits <= 24:
             raise bad("dim_bits", "must be in [8, 24]")
         if self.optimism < 0.0:
@@ -107,7 +116,7 @@ class RouterConfig:
         return cls(
             alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
             margin=0.0, optimism=0.0, signed_queue=False, lp_prior=False, calibration=False,
-            shared_head=False,
+            shared_head=False, prior_strength=2.0, prior_step=0.0,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

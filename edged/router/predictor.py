@@ -67,9 +67,11 @@ class Predictor:
     """Online logistic regression per model (optionally with a shared weight row), AdaGrad.
 
     logit_m(x) = logit(r_m) + (w_shared + w_m) . x, where r_m is the model's running
-    success rate (Beta(1, 1) prior): the head learns only the per-request deviation, so with
-    uninformative text it falls back to the unbiased running mean instead of noise.
-    With calibration, p_m = sigmoid(a_m * logit + c_m).
+    success rate: the head learns only the per-request deviation, so with uninformative text it
+    falls back to the unbiased running mean instead of noise. The rates are chained: model m's
+    prior is model m-1's rate plus `prior_step`, worth `prior_strength` labels, so a dearer model
+    seen a few times is not written off on bad luck (that would starve it for good).
+    With calibration the head's weight a_m is learned (see `predict`).
     All parameters are plain float64 arrays, so the state file round-trips them bit-exactly.
     """
 
@@ -83,22 +85,35 @@ class Predictor:
         learning_rate: float = 0.2,
         shared: bool = True,
         calibration: bool = True,
+        prior_strength: float = 2.0,
+        prior_step: float = 0.0,
     ) -> None:
         self.n_models = n_models
         self.dim_bits = dim_bits
         self.learning_rate = learning_rate
         self.shared = shared
         self.calibration = calibration
+        self.prior_strength = prior_strength
+        self.prior_step = prior_step
         rows = n_models + 1
         dim = 1 << dim_bits
         self.weights = np.zeros((rows, dim))  # row 0: shared, row 1 + m: model m
         self.grad_sq = np.full((rows, dim), 1e-8)
-        self.calib = np.tile([1.0, 0.0], (n_models, 1))  # (a_m, c_m)
+        self.calib = np.zeros(n_models)  # a_m: weight of the text head
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
-        # Beta prior of strength 2 whose mean rises from 0.4 to 0.6 with cost rank: until labels
-        # say otherwise, a dearer model is assumed a little better (ties would starve it).
-        self.prior = 0.4 + 0.2 * np.linspace(0.0, 1.0, n_models)
+        self._refresh_rates()
+
+    def _refresh_rates(self) -> None:
+        rates = np.empty(self.n_models)
+        prior, strength = 0.5, 2.0
+        for m in range(self.n_models):
+            rates[m] = (self.hits[m] + strength * prior) / (self.labels[m] + strength)
+            if self.prior_step > 0.0:  # chained prior; prior_step 0 keeps every Beta(1, 1)
+                prior = min(rates[m] + self.prior_step, 0.999)
+                strength = self.prior_strength
+        self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
+        self._base = np.log(self.rates / (1.0 - self.rates))
 
     def uncertainty(self, t: int) -> np.ndarray:
         """UCB width of each model's running success rate after t requests:
@@ -108,30 +123,31 @@ class Predictor:
     def featurize(self, text: str) -> Features:
         return featurize(text, self.dim_bits)
 
-    def logits(self, features: Features) -> np.ndarray:
-        """Raw logits per model (before calibration)."""
+    def residuals(self, features: Features) -> np.ndarray:
+        """Per-request deviation from each model's running rate, in logits (the text head)."""
         w = self.weights[:, features.idx] @ features.val
         own = w[1:]
-        rate = (self.hits + 2.0 * self.prior) / (self.labels + 2.0)
-        base = np.log(rate / (1.0 - rate))
-        return base + (own + w[0] if self.shared else own)
+        return own + w[0] if self.shared else own
 
     def predict(self, features: Features) -> np.ndarray:
-        """Calibrated satisfaction probability per model."""
-        z = self.logits(features)
-        if self.calibration:
-            z = self.calib[:, 0] * z + self.calib[:, 1]
-        return _sigmoid(z)
+        """Satisfaction probability per model: `sigmoid(logit(r_m) + a_m * residual_m)`.
+
+        Without calibration a_m = 1; with it, a_m in [0, 1] is learned online from prequential
+        predictions, starting at 0: the text head only counts once it has proved predictive, so
+        noise in it cannot bias decisions (a noisy spread inflates the typical prediction).
+        """
+        resid = self.residuals(features)
+        return _sigmoid(self._base + (self.calib * resid if self.calibration else resid))
 
     def update(self, features: Features, model: int, label: float) -> None:
         """One prequential step for `model` with `label` in [0, 1]."""
-        z = float(self.logits(features)[model])
+        resid = float(self.residuals(features)[model])
+        base = float(self._base[model])
         if self.calibration:
-            a, c = self.calib[model]
-            g = float(_sigmoid(np.array(a * z + c))) - label
-            self.calib[model, 0] = a - self._CAL_LR * g * z
-            self.calib[model, 1] = c - self._CAL_LR * g
-        grad = float(_sigmoid(np.array(z))) - label
+            a = float(self.calib[model])
+            g = float(_sigmoid(np.array(base + a * resid))) - label
+            self.calib[model] = min(1.0, max(0.0, a - self._CAL_LR * g * resid))
+        grad = float(_sigmoid(np.array(base + resid))) - label
         lr = self.learning_rate
         g_vec = grad * features.val
         g_sq = g_vec * g_vec
@@ -142,6 +158,7 @@ class Predictor:
             self.weights[row, features.idx] -= lr * g_vec / np.sqrt(acc)
         self.labels[model] += 1
         self.hits[model] += label
+        self._refresh_rates()
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Parameters for the state file."""
@@ -163,3 +180,4 @@ class Predictor:
         self.calib = arrays["pred_calib"].copy()
         self.labels = arrays["pred_labels"].copy()
         self.hits = arrays["pred_hits"].copy()
+        self._refresh_rates()

@@ -74,6 +74,7 @@ class Router:
         self.predictor = Predictor(
             len(names), dim_bits=cfg.dim_bits, learning_rate=cfg.learning_rate,
             shared=cfg.shared_head, calibration=cfg.calibration,
+            prior_strength=cfg.prior_strength, prior_step=cfg.prior_step,
         )
         self.energy = RunningStats(len(names))
         self.latency = RunningStats(len(names))
@@ -231,7 +232,7 @@ class Router:
         self.lam_t = self.t
         energy_j = self._energy_estimate()
         energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
-        target = min(1.0, cfg.alpha + cfg.margin * self.t**-cfg.margin_decay)
+        target = cfg.alpha  # the margin goes into the deficit only
         recent = self.recent[: min(self.t, len(self.recent))]
         if cfg.optimism:
             recent = recent + cfg.optimism * self.predictor.uncertainty(self.t)
