@@ -226,3 +226,19 @@ def test_iobinding_path_gives_the_same_ids(which: str, rule, llama, monkeypatch)
     monkeypatch.setattr(gen, "BoundRunner", spy)
     bound = model.generate("t3 t5 t9", params=params).token_ids
     assert used == ["cpu"] and bound == plain
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_chunked_prefill_gives_the_same_ids(bound: bool, rule, llama, monkeypatch) -> None:
+    import edged.zoo.generate as gen
+
+    prompt = "t3 t5 t9 t1 t2 t8 t4 t4 t7 t30 t2"
+    params = GenerationParams(max_new_tokens=20)
+    whole = {m.name: m.generate(prompt, params=params).token_ids for m in (rule, llama)}
+    assert whole["rule"] == expected([3, 5, 9, 1, 2, 8, 4, 4, 7, 30, 2], 20)
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 3)
+    if bound:
+        monkeypatch.setattr(gen, "GPU_PROVIDERS", {"CPUExecutionProvider": "cpu"})
+    for m in (rule, llama):
+        result = m.generate(prompt, params=params)
+        assert result.prompt_tokens > 3 and result.token_ids == whole[m.name]

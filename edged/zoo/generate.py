@@ -2,8 +2,10 @@
 
 Per token the loop does one `session.run`, one sampler call and one small detokeniser decode;
 everything else (attention mask, position ids, the feeds dict, output names) is built once per
-request and only sliced or updated in place. On CUDA/TensorRT the cache stays on the device:
-IOBinding binds each `present` output to device memory and feeds it back as the next `past`.
+request and only sliced or updated in place. Long prompts are prefilled in chunks through the
+cache, so the logits buffer stays (chunk x vocab) however long the prompt is. On CUDA/TensorRT
+the cache stays on the device: IOBinding binds each `present` output to device memory and feeds
+it back as the next `past`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from edged.zoo.sampling import Sampler
 
 if TYPE_CHECKING:
     from edged.zoo.model import LoadedModel
+
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill run: bounds the (chunk, vocab) logits buffer
+
+
+def _chunks(prompt: list[int], dtype: type) -> list[np.ndarray]:
+    """The prompt in pieces fed one after another through the KV cache; a long prompt would
+    otherwise return logits for every position at once (2k tokens x 152k vocab = 1.2 GB)."""
+    return [np.asarray([prompt[i : i + PREFILL_CHUNK]], dtype=dtype)
+            for i in range(0, len(prompt), PREFILL_CHUNK)]
 
 
 class _Feeds:
@@ -65,12 +77,11 @@ class NumpyRunner:
         self.length = 0
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
-        ids = np.asarray([prompt], dtype=self.spec.input_ids_dtype)
-        feeds = self.feeds.inputs(ids, 0)
-        for slot in self.spec.kv:
-            feeds[slot.past] = np.zeros(slot.shape, dtype=slot.dtype)
-        self.current = feeds
-        return self._run(len(prompt))
+        self.current = {s.past: np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv}
+        for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            self.current.update(self.feeds.inputs(chunk, self.length))
+            logits = self._run(chunk.shape[1])
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         ids = self.feeds.ids1
@@ -96,11 +107,12 @@ class BoundRunner:
         self.length = 0
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
-        ids = np.asarray([prompt], dtype=self.spec.input_ids_dtype)
-        self._keep = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
-        for slot, empty in zip(self.spec.kv, self._keep, strict=True):
+        self._empty = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
+        for slot, empty in zip(self.spec.kv, self._empty, strict=True):
             self.binding.bind_cpu_input(slot.past, empty)
-        return self._run(ids)
+        for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            logits = self._run(chunk)
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         ids = self.feeds.ids1
