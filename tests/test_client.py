@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from test_daemon import daemon, daemon_options, rule_zoo  # noqa: F401 (fixtures)
+from test_daemon import LONG, daemon, daemon_options, rule_zoo  # noqa: F401 (fixtures)
 
 from edged.cli import main as cli_main
 from edged.client import (
@@ -51,7 +51,7 @@ def test_sync_stream_and_cancel(daemon):  # noqa: F811
         stream = client.stream("t2", max_new_tokens=30)
         deltas = list(stream)
         assert "".join(deltas) == stream.reply["text"]
-        long = client.stream("t2", max_new_tokens=20_000, model="small")
+        long = client.stream("t2", max_new_tokens=LONG, model="small")
         with pytest.raises(Cancelled) as info:
             for i, _ in enumerate(long):
                 if i == 0:
@@ -111,7 +111,7 @@ def test_async_client_many_in_flight(daemon):  # noqa: F811
             stream = await client.stream("t4", max_new_tokens=12)
             deltas = [d async for d in stream]
             assert "".join(deltas) == stream.reply["text"]
-            long = await client.stream("t4", max_new_tokens=20_000, model="small")
+            long = await client.stream("t4", max_new_tokens=LONG, model="small")
             with pytest.raises(Cancelled):
                 cancelled = False
                 async for _ in long:

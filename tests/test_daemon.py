@@ -29,7 +29,7 @@ from edged.zoo import GenerationParams, load_model
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 REPO = Path(__file__).resolve().parent.parent
-LONG = 20_000     # tokens: seconds of generation, long enough to cancel or to fill the queue
+LONG = 65_536  # tokens (the protocol maximum): seconds of generation, to cancel or fill queues
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from test_daemon import Daemon, collect, config_text, rule_zoo, send  # noqa: F401 (fixture)
+from test_daemon import LONG, Daemon, collect, config_text, rule_zoo, send  # noqa: F401 (fixture)
 
 from edged.cli import main as cli_main
 from edged.client import Client, RequestTimeout
@@ -209,7 +209,7 @@ def test_second_sigterm_stops_in_flight_work(rule_zoo, tmp_path):  # noqa: F811
     try:
         d.wait_note("READY=1")
         sock = d.socket()
-        send(sock, {"id": "long", "op": "generate", "prompt": "t1", "max_new_tokens": 60_000,
+        send(sock, {"id": "long", "op": "generate", "prompt": "t1", "max_new_tokens": LONG,
                     "stream": True, "model": "small"})
         assert sock.poll(30_000)
         d.proc.send_signal(signal.SIGTERM)
