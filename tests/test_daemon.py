@@ -166,13 +166,19 @@ def send(sock: zmq.Socket, message: dict[str, Any]) -> None:
     sock.send_multipart([b"", msgpack.packb({"v": 1, **message})])
 
 
-def wait_idle(d: Daemon, timeout_s: float = 30.0) -> None:
+def wait_health(d: Daemon, in_flight: int, queue: int, timeout_s: float = 60.0) -> None:
+    """Poll `health` until it shows `in_flight` requests of which `queue` are queued."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if d.call({"id": "h", "op": "health"})["in_flight"] == 0:
+        health = d.call({"id": "h", "op": "health"})
+        if (health["in_flight"], health["queue"]) == (in_flight, queue):
             return
         time.sleep(0.05)
-    raise AssertionError("daemon never went idle")
+    raise AssertionError(f"health never showed in_flight={in_flight} queue={queue}: {health}")
+
+
+def wait_idle(d: Daemon, timeout_s: float = 60.0) -> None:
+    wait_health(d, 0, 0, timeout_s)
 
 
 # -- happy paths ---------------------------------------------------------------------------------
@@ -357,6 +363,32 @@ def test_vanished_client_is_cancelled(daemon):
     sock.close()
     wait_idle(daemon)  # the next delta finds the client gone, and the generation stops
     assert daemon.call({"id": "h", "op": "health"})["status"] == "serving"
+
+
+def test_queued_request_of_a_vanished_client_expires(daemon):
+    """Its deadline passes while queued and the error reply finds the client gone: the loop
+    must not wedge (the reply used to be sent under the engine lock, which `vanished` takes)."""
+    wait_idle(daemon)
+    errors0 = daemon.call({"id": "s", "op": "stats"})["errors"].get("deadline_exceeded", 0)
+    busy = daemon.socket()
+    try:
+        send(busy, {"id": "w-run", "op": "generate", "prompt": "t1", "max_new_tokens": LONG,
+                    "model": "small"})  # not streamed: no part reveals a vanished client
+        wait_health(daemon, 1, 0)
+        gone = daemon.socket()
+        send(gone, {"id": "w-queued", "op": "generate", "prompt": "t1", "max_new_tokens": 2,
+                    "model": "small", "deadline_ms": 3000})
+        wait_health(daemon, 2, 1)
+        gone.close()
+        wait_health(daemon, 1, 0)  # expired and withdrawn; the loop still answers
+        errors = daemon.call({"id": "s", "op": "stats"})["errors"]
+        assert errors["deadline_exceeded"] == errors0 + 1
+        send(busy, {"id": "w-stop", "op": "cancel", "request_id": "w-run"})
+        (_, final), (_, stop) = collect(busy, ["w-run", "w-stop"]).values()
+        assert final["error"]["code"] == "cancelled" and stop["was"] == "running"
+    finally:
+        busy.close()
+    wait_idle(daemon)
 
 
 def test_ipc_socket_is_group_only(daemon):

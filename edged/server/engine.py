@@ -233,18 +233,22 @@ class Engine:
                 )
             queued = not job.started
             job.stop(ErrorCode.CANCELLED)
-            if queued:
-                self._answer_queued(job, ErrorCode.CANCELLED, "cancelled while queued")
+            replies = [self._take_queued(job, ErrorCode.CANCELLED, "cancelled while queued")
+                       ] if queued else []
+        self._emit_all(replies)
         return {"request_id": request.request_id, "was": "queued" if queued else "running"}
 
     def sweep(self, now: float) -> None:
         """Enforce deadlines: answer expired queued jobs, stop expired running ones."""
+        replies = []
         with self._lock:
             expired = [j for j in self._active.values() if now >= j.deadline]
             for job in expired:
                 job.stop(ErrorCode.DEADLINE_EXCEEDED)
                 if not job.started:
-                    self._answer_queued(job, ErrorCode.DEADLINE_EXCEEDED, "deadline passed queued")
+                    replies.append(self._take_queued(
+                        job, ErrorCode.DEADLINE_EXCEEDED, "deadline passed queued"))
+        self._emit_all(replies)
 
     def vanished(self, identity: bytes) -> None:
         """A client went away: stop its work, nobody will read the reply."""
@@ -259,18 +263,30 @@ class Engine:
 
     def stop_all(self) -> None:
         """Second SIGTERM: stop everything now."""
+        replies = []
         with self._lock:
             for job in list(self._active.values()):
                 job.stop(ErrorCode.SHUTTING_DOWN)
                 if not job.started:
-                    self._answer_queued(job, ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+                    replies.append(self._take_queued(
+                        job, ErrorCode.SHUTTING_DOWN, "the daemon is stopping"))
+        self._emit_all(replies)
 
-    def _answer_queued(self, job: Job, code: ErrorCode, message: str) -> None:
+    def _take_queued(
+        self, job: Job, code: ErrorCode, message: str
+    ) -> tuple[list[bytes], dict[str, Any]]:
+        """Withdraw a queued job (caller holds `_lock`) and return its error reply, which the
+        caller sends once the lock is released: a send to a vanished client re-enters the lock
+        through `vanished`."""
         job.answered = True
         self._queue.withdraw(job)
         self._active.pop(job.request.id, None)
-        self.errors[code.value] += 1  # under self._lock (callers hold it)
-        self._emit(job.envelope, error_reply(job.request.id, code, message, done=True))
+        self.errors[code.value] += 1
+        return job.envelope, error_reply(job.request.id, code, message, done=True)
+
+    def _emit_all(self, replies: list[tuple[list[bytes], dict[str, Any]]]) -> None:
+        for envelope, reply in replies:
+            self._emit(envelope, reply)
 
     def feedback(self, request: FeedbackRequest) -> dict[str, Any]:
         rid = request.request_id
