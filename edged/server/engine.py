@@ -69,6 +69,7 @@ class Job:
 @dataclass
 class _Finished:
     decision: Decision | None            # None: the client chose the model (no routing)
+    router: Router | None                # the router that decided (a reload may replace it)
     primary: str
     ran: tuple[str, ...]
     labelled: set[str] = field(default_factory=set)
@@ -354,37 +355,49 @@ class Engine:
         queue_ms = (started - job.received) * 1000.0
         zoo = self.zoo
         decision: Decision | None = None
+        router: Router | None = None
         if req.model is not None:
             run = [req.model]
         else:
             remaining_ms = max(0.0, (job.deadline - started) * 1000.0)
             with self.router_lock:
-                decision = self.router.decide(req.text(), deadline_ms=remaining_ms)
+                router = self.router  # a reload may swap it: learn on the one that decided
+                decision = router.decide(req.text(), deadline_ms=remaining_ms)
                 self.router_dirty = True
             run = [decision.model] + [m for m in decision.run if m != decision.model]
         primary = run[0]
-        outputs: dict[str, _Output] = {}
+        outputs: dict[str, _Output] = {}     # finished runs: learned from, labelled
+        others: dict[str, dict[str, Any]] = {}  # every other model of the run, as reported
         for name in run:
             if job.cancel.is_set():
-                break
-            out = self._generate(zoo, name, job, stream=req.stream and name == primary)
-            if out.result.finish_reason == "cancelled":
+                reason = job.reason or ErrorCode.CANCELLED
                 if name == primary:
-                    raise Stopped(job.reason or ErrorCode.CANCELLED,
-                                  _stopped_message(job.reason, out.result), req.id,
-                                  out.result.text)
-                break
-            outputs[name] = out
+                    raise ProtocolError(reason, "stopped before it started", req.id)
+                others[name] = _error_fields(reason, "not run: the request was stopped")
+                continue
+            try:
+                out = self._generate(zoo, name, job, stream=req.stream and name == primary)
+            except ProtocolError as exc:
+                if name == primary:
+                    raise
+                log.warning("request %s: exploring %s failed: %s", req.id, name, exc.message)
+                others[name] = _error_fields(exc.code, exc.message)
+                continue
+            self._count_run(name, out)
+            if name != primary:
+                others[name] = _output_fields(out, name, queue_ms)
+            if out.result.finish_reason != "cancelled":
+                outputs[name] = out
+            elif name == primary:
+                raise Stopped(job.reason or ErrorCode.CANCELLED,
+                              _stopped_message(job.reason, out.result), req.id, out.result.text)
+        finished = _Finished(decision=decision, router=router, primary=primary,
+                             ran=tuple(outputs))
         energy_j = {m: o.record.joules for m, o in outputs.items() if o.record is not None}
-        latency_s = {m: o.result.total_ms / 1000.0 for m, o in outputs.items()}
-        finished = _Finished(decision=decision, primary=primary, ran=tuple(outputs))
-        with self.router_lock:
-            if decision is not None and energy_j:
-                self.router.observe_energy(decision, energy_j=energy_j, latency_s=latency_s)
-            for name, out in outputs.items():
-                stats = self._stats.setdefault(name, _ModelStats())
-                stats.calls += 1
-                stats.joules += out.record.joules if out.record is not None else 0.0
+        if router is not None and decision is not None and energy_j:
+            latency_s = {m: o.result.total_ms / 1000.0 for m, o in outputs.items()}
+            with self.router_lock:
+                router.observe_energy(decision, energy_j=energy_j, latency_s=latency_s)
         labels: dict[str, bool] = {}
         if req.reference is not None:
             reference = req.reference
@@ -397,23 +410,25 @@ class Engine:
             while len(self._finished) > FINISHED_KEPT:
                 self._finished.popitem(last=False)
             self.completed += 1
-        main = outputs[primary]
-        reply = ok_reply(req.id, **_output_fields(main, primary, queue_ms))
+        reply = ok_reply(req.id, **_output_fields(outputs[primary], primary, queue_ms))
         reply["route"] = _route_fields(decision)
         if labels:
             reply["labels"] = labels
-        if len(outputs) > 1:
-            reply["exploration"] = [
-                {"model": m, **_output_fields(o, m, queue_ms)}
-                for m, o in outputs.items()
-                if m != primary
-            ]
+        if others:
+            reply["exploration"] = [{"model": m, **fields} for m, fields in others.items()]
         return reply
+
+    def _count_run(self, name: str, out: _Output) -> None:
+        """Every run spent energy, finished or cut short: count it in the per-model stats."""
+        with self.router_lock:
+            stats = self._stats.setdefault(name, _ModelStats())
+            stats.calls += 1
+            stats.joules += out.record.joules if out.record is not None else 0.0
 
     def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> None:
         with self.router_lock:
-            assert finished.decision is not None
-            self.router.observe_labels(finished.decision, labels)
+            assert finished.router is not None and finished.decision is not None
+            finished.router.observe_labels(finished.decision, labels)
             self.router_dirty = True
             finished.labelled.update(labels)
             for name, ok in labels.items():
@@ -557,6 +572,10 @@ def _output_fields(out: _Output, name: str, queue_ms: float) -> dict[str, Any]:
         },
         "energy": None if rec is None else rec.to_dict(),
     }
+
+
+def _error_fields(code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"error": {"code": code.value, "message": message}}
 
 
 def _route_fields(decision: Decision | None) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""The engine in-process (real zoo, router, meter and worker thread), for the orderings a live
+daemon shows only by chance: a cancel or a reload landing mid-request, an exploration run that
+fails after the routed model answered."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_zoo_graph import make_dir
+
+from edged.checkers import get_checker
+from edged.energy import create_meter
+from edged.protocol import ErrorCode, FeedbackRequest, GenerateRequest, ProtocolError
+from edged.router import Router, RouterConfig
+from edged.server.engine import Engine, Job
+from edged.zoo import Zoo
+
+pytestmark = pytest.mark.timeout(120)
+
+BIG = {"max_position_embeddings": 1_000_000}
+
+
+class Replies:
+    """The engine's `emit`: collects messages; `on_delta` runs in the worker on each part."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.done = threading.Event()
+        self.on_delta: Any = None
+
+    def __call__(self, envelope: list[bytes], message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        if message.get("done") is False:
+            if self.on_delta is not None:
+                self.on_delta()
+        else:
+            self.done.set()
+
+    def final(self) -> dict[str, Any]:
+        assert self.done.wait(60), "no final reply"
+        return self.messages[-1]
+
+
+@pytest.fixture(scope="module")
+def zoo_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("engine-zoo")
+    # small has a 64-token context, large a huge one: 100 new tokens overflow small only
+    return make_dir(root, "small", mask=True), make_dir(root, "large", mask=True, config=BIG)
+
+
+@pytest.fixture
+def engine(zoo_dirs) -> Iterator[tuple[Engine, Replies]]:
+    zoo = Zoo.from_dirs(list(zoo_dirs))
+    replies = Replies()
+    meter = create_meter("estimate")
+    engine = Engine(zoo, Router(list(zoo.names), RouterConfig(alpha=0.9, seed=1)), meter,
+                    get_checker("exact"), emit=replies, queue_size=4,
+                    devices=dict.fromkeys(zoo.names, "cpu"))
+    engine.start()
+    try:
+        yield engine, replies
+    finally:
+        engine.stop_all()
+        engine.stop()
+        meter.close()
+        zoo.close()
+
+
+def job(rid: str, **fields: Any) -> Job:
+    now = time.monotonic()
+    request = GenerateRequest(id=rid, op="generate", **{"prompt": "t1", **fields})
+    return Job(request=request, envelope=[b"client", b""], received=now, deadline=now + 60)
+
+
+def test_failed_exploration_keeps_the_routed_answer(engine):
+    eng, replies = engine
+    eng.submit(job("x1", max_new_tokens=100))  # cold start: every model runs
+    reply = replies.final()
+    assert reply["ok"], reply
+    assert reply["model"] == "large" and set(reply["route"]["run"]) == {"small", "large"}
+    (other,) = reply["exploration"]
+    assert other["model"] == "small" and other["error"]["code"] == "bad_request"
+    stats = eng.stats()
+    assert stats["models"]["large"]["calls"] == 1 and "small" not in stats["models"]
+    assert stats["router"]["t"] == 1
+    labels = eng.feedback(FeedbackRequest(id="f", op="feedback", request_id="x1",
+                                          labels={"large": True}))
+    assert labels["labels"] == {"large": True}
+    with pytest.raises(ProtocolError, match="did not answer"):  # it failed: nothing to label
+        eng.feedback(FeedbackRequest(id="f2", op="feedback", request_id="x1",
+                                     labels={"small": True}))
+
+
+def test_reload_mid_request_learns_on_the_router_that_decided(engine):
+    eng, replies = engine
+    old = eng.router
+    new = Router(["other"], RouterConfig(alpha=0.9, seed=2))
+
+    def reload() -> None:  # what Server._reload does, while this request generates
+        with eng.router_lock:
+            eng.router = new
+        replies.on_delta = None
+
+    replies.on_delta = reload
+    eng.submit(job("r1", max_new_tokens=4, stream=True, reference="nope"))
+    reply = replies.final()
+    assert reply["ok"], reply
+    assert old.stats()["labels"] == 1 and new.stats()["t"] == 0
+    assert old.stats()["models"]["large"]["energy_j"] is not None  # its energy was learned
+    assert eng.stats()["router"]["t"] == 0  # the engine now reports the new router
+
+
+def test_cancel_while_deciding_answers_cancelled(engine):
+    eng, replies = engine
+    submitted = job("c1", max_new_tokens=4)
+
+    class CancelledWhileDeciding(Router):
+        def decide(self, text: str, deadline_ms: float | None = None) -> Any:
+            decision = super().decide(text, deadline_ms)
+            submitted.stop(ErrorCode.CANCELLED)  # the socket loop's cancel lands now
+            return decision
+
+    eng.router = CancelledWhileDeciding(list(eng.zoo.names), RouterConfig(alpha=0.9, seed=1))
+    eng.submit(submitted)
+    reply = replies.final()
+    assert not reply["ok"] and reply["error"]["code"] == "cancelled", reply
+    assert eng.idle()
