@@ -57,6 +57,7 @@ REPLIES = "inproc://edged-replies"
 TICK_S = 0.05           # loop wake-up: deadlines, timers, signals
 BATCH = 256             # messages handled per socket per tick, so neither side starves
 STATE_FILE = "router-state.npz"
+FLUSH_MS = 2000         # after a drain: how long the last replies may take to leave the socket
 
 
 class StartupError(RuntimeError):
@@ -277,6 +278,8 @@ class Server:
         self.engine.stop()
         self._forward_replies(everything=True)
         self._save()
+        # LINGER=0 would discard the drained replies still queued in the socket at close
+        self._sock.setsockopt(zmq.LINGER, FLUSH_MS)
         log.info("stopped after draining")
         return 0
 
@@ -463,6 +466,8 @@ class Server:
         """Release everything `_start` got, however far it came."""
         if self._auth is not None:
             self._auth.stop()
+        if self._sock is not None:
+            self._sock.close()  # with its own LINGER: 0, or FLUSH_MS after a drain
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         if self.endpoint_path is not None:
