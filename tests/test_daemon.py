@@ -321,7 +321,7 @@ def test_busy_when_queue_full_and_cancel_queued(daemon):
             send(sock, {"id": rid, "op": "generate", "prompt": "t1", "max_new_tokens": LONG,
                         "model": "small"})
         replies: dict[str, dict] = {}
-        end = time.monotonic() + 10
+        end = time.monotonic() + 30
         while len(replies) < 3 and time.monotonic() < end:
             if sock.poll(200):
                 msg = msgpack.unpackb(sock.recv_multipart()[-1])
@@ -347,11 +347,10 @@ def test_busy_when_queue_full_and_cancel_queued(daemon):
 
 def test_deadline_stops_generation(daemon):
     wait_idle(daemon)
-    t0 = time.monotonic()
     reply = daemon.call({"id": "d1", "op": "generate", "prompt": "t1", "max_new_tokens": LONG,
                          "deadline_ms": 300, "model": "small"})
     assert reply["error"]["code"] == "deadline_exceeded"
-    assert time.monotonic() - t0 < 10
+    assert len(reply.get("text", "").split()) < LONG  # stopped (queued or between tokens)
 
 
 def test_vanished_client_is_cancelled(daemon):

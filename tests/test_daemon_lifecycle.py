@@ -30,7 +30,7 @@ def test_notify_order_drain_state_and_restart(rule_zoo, tmp_path):  # noqa: F811
     d = Daemon(tmp_path, cfg, extra_env={"WATCHDOG_USEC": "300000"})
     try:
         d.wait_note("READY=1")
-        d.wait_note("WATCHDOG=1", 10)
+        d.wait_note("WATCHDOG=1", 30)
         sock = d.socket()
         ids = ["a", "b"]
         for rid in ids:
@@ -43,7 +43,7 @@ def test_notify_order_drain_state_and_restart(rule_zoo, tmp_path):  # noqa: F811
         assert all(final["ok"] for _, final in results.values())  # drained, not dropped
         t_max = max(final["route"]["t"] for _, final in results.values())
         assert d.proc.wait(60) == 0
-        d.wait_note("STATUS=stopped", 5)
+        d.wait_note("STATUS=stopped", 30)
     finally:
         d.close()
     seq = statuses(d.notes)
@@ -213,10 +213,10 @@ def test_second_sigterm_stops_in_flight_work(rule_zoo, tmp_path):  # noqa: F811
                     "stream": True, "model": "small"})
         assert sock.poll(30_000)
         d.proc.send_signal(signal.SIGTERM)
-        d.wait_note("STOPPING=1", 10)
+        d.wait_note("STOPPING=1", 30)
         late = d.socket()  # draining: no new generations
         send(late, {"id": "late", "op": "generate", "prompt": "t1"})
-        assert late.poll(10_000)
+        assert late.poll(30_000)
         assert msgpack.unpackb(late.recv_multipart()[-1])["error"]["code"] == "shutting_down"
         late.close()
         d.proc.send_signal(signal.SIGTERM)
