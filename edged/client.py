@@ -108,6 +108,18 @@ def generate_message(
     return body
 
 
+def feedback_message(
+    request_id: str, satisfied: bool | None, model: str | None, labels: dict[str, bool] | None
+) -> dict[str, Any]:
+    """`labels` ({model: bool}, for exploration replies) or `satisfied` (+ optional `model`)."""
+    if labels is not None:
+        return {"request_id": request_id, "labels": labels}
+    fields: dict[str, Any] = {"request_id": request_id, "satisfied": satisfied}
+    if model is not None:
+        fields["model"] = model
+    return fields
+
+
 def _curve(
     sock: zmq.Socket, server_key: bytes | str | Path | None, client_cert: str | Path | None
 ) -> None:
@@ -202,14 +214,7 @@ class Client:
         self, request_id: str, satisfied: bool | None = None, *, model: str | None = None,
         labels: dict[str, bool] | None = None,
     ) -> dict[str, Any]:
-        fields: dict[str, Any] = {"request_id": request_id}
-        if labels is not None:
-            fields["labels"] = labels
-        else:
-            fields["satisfied"] = satisfied
-            if model is not None:
-                fields["model"] = model
-        return self.request("feedback", **fields)
+        return self.request("feedback", **feedback_message(request_id, satisfied, model, labels))
 
     def cancel(self, request_id: str) -> dict[str, Any]:
         return self.request("cancel", request_id=request_id)
@@ -355,14 +360,9 @@ class AsyncClient:
     async def feedback(self, request_id: str, satisfied: bool | None = None, *,
                        model: str | None = None,
                        labels: dict[str, bool] | None = None) -> dict[str, Any]:
-        fields: dict[str, Any] = {"request_id": request_id}
-        if labels is not None:
-            fields["labels"] = labels
-        else:
-            fields["satisfied"] = satisfied
-            if model is not None:
-                fields["model"] = model
-        return await self.request("feedback", **fields)
+        return await self.request(
+            "feedback", **feedback_message(request_id, satisfied, model, labels)
+        )
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
         return await self.request("cancel", request_id=request_id)
