@@ -18,11 +18,10 @@ from pathlib import Path
 
 from edged.energy.base import (
     BackendUnavailable,
-    EnergyConfigError,
     EnergyReadError,
     PermissionDenied,
 )
-from edged.energy.sampler import Clock, SampledMeter, SamplerConfig, Source
+from edged.energy.sampler import Clock, SampledMeter, Source, SysfsConfig
 
 BACKEND = "ina3221"
 TOTAL_RAILS = ("VDD_IN", "POM_5V_IN", "VIN")
@@ -30,18 +29,8 @@ _HWMON_GLOBS = ("bus/i2c/drivers/ina3221*/*/hwmon/hwmon*", "bus/i2c/drivers/ina2
 _IIO_GLOB = "bus/i2c/drivers/ina3221*/*/iio:device*"
 
 
-@dataclass(frozen=True)
-class Ina3221Config(SamplerConfig):
-    """sysfs_root: where sysfs is mounted (tests point it at a fake tree)."""
-
-    sysfs_root: str = "/sys"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.sysfs_root, (str, os.PathLike)):
-            raise EnergyConfigError(
-                f"energy option sysfs_root must be a path, got {self.sysfs_root!r}"
-            )
+class Ina3221Config(SysfsConfig):
+    """The sampler options and `sysfs_root`."""
 
 
 @dataclass(frozen=True)

@@ -16,28 +16,17 @@ from pathlib import Path
 
 from edged.energy.base import (
     BackendUnavailable,
-    EnergyConfigError,
     EnergyReadError,
     PermissionDenied,
 )
-from edged.energy.sampler import Clock, SampledMeter, SamplerConfig, Source
+from edged.energy.sampler import Clock, SampledMeter, Source, SysfsConfig
 
 BACKEND = "rapl"
 _ZONE = re.compile(r"(intel|amd)-rapl:(\d+)(?::(\d+))?")
 
 
-@dataclass(frozen=True)
-class RaplConfig(SamplerConfig):
-    """sysfs_root: where sysfs is mounted (tests point it at a fake tree)."""
-
-    sysfs_root: str = "/sys"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.sysfs_root, (str, os.PathLike)):
-            raise EnergyConfigError(
-                f"energy option sysfs_root must be a path, got {self.sysfs_root!r}"
-            )
+class RaplConfig(SysfsConfig):
+    """The sampler options and `sysfs_root`."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -59,6 +60,20 @@ class SamplerConfig:
             check_number("idle_w", self.idle_w, low=0.0, high=1e6)
         check_number("idle_horizon_s", self.idle_horizon_s, low=1.0, high=30 * 86400.0)
         check_number("min_intervals", self.min_intervals, low=1, high=1e6, integer=True)
+
+
+@dataclass(frozen=True)
+class SysfsConfig(SamplerConfig):
+    """sysfs_root: where sysfs is mounted (tests point it at a fake tree)."""
+
+    sysfs_root: str = "/sys"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.sysfs_root, (str, os.PathLike)):
+            raise EnergyConfigError(
+                f"energy option sysfs_root must be a path, got {self.sysfs_root!r}"
+            )
 
 
 class Source(ABC):
