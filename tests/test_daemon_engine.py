@@ -4,6 +4,7 @@ fails after the routed model answered."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -54,10 +55,15 @@ def zoo_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def engine(zoo_dirs) -> Iterator[tuple[Engine, Replies]]:
+def backend() -> str:
+    return "estimate"
+
+
+@pytest.fixture
+def engine(zoo_dirs, backend) -> Iterator[tuple[Engine, Replies]]:
     zoo = Zoo.from_dirs(list(zoo_dirs))
     replies = Replies()
-    meter = create_meter("estimate")
+    meter = create_meter(backend)
     engine = Engine(zoo, Router(list(zoo.names), RouterConfig(alpha=0.9, seed=1)), meter,
                     get_checker("exact"), emit=replies, queue_size=4,
                     devices=dict.fromkeys(zoo.names, "cpu"))
@@ -130,3 +136,15 @@ def test_cancel_while_deciding_answers_cancelled(engine):
     reply = replies.final()
     assert not reply["ok"] and reply["error"]["code"] == "cancelled", reply
     assert eng.idle()
+
+
+@pytest.mark.parametrize("backend", ["none"])
+def test_unmeasured_energy_is_not_learned(engine):
+    eng, replies = engine
+    eng.submit(job("n1", max_new_tokens=4))
+    reply = replies.final()
+    assert reply["ok"], reply
+    assert reply["energy"]["method"] == "none" and math.isnan(reply["energy"]["joules"])
+    stats = eng.stats()
+    assert stats["router"]["t"] == 1 and stats["models"]["large"]["joules"] == 0.0
+    assert all(m["energy_j"] is None for m in stats["router"]["models"].values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -79,6 +80,13 @@ class _Finished:
 class _Output:
     result: GenerationResult
     record: EnergyRecord | None
+
+    @property
+    def joules(self) -> float | None:
+        """The measured joules; None when unmeasured (a failed window, or the "none" meter's
+        NaN), so the router never learns a made-up cost."""
+        rec = self.record
+        return rec.joules if rec is not None and math.isfinite(rec.joules) else None
 
 
 @dataclass
@@ -393,7 +401,7 @@ class Engine:
                               _stopped_message(job.reason, out.result), req.id, out.result.text)
         finished = _Finished(decision=decision, router=router, primary=primary,
                              ran=tuple(outputs))
-        energy_j = {m: o.record.joules for m, o in outputs.items() if o.record is not None}
+        energy_j = {m: j for m, o in outputs.items() if (j := o.joules) is not None}
         if router is not None and decision is not None and energy_j:
             latency_s = {m: o.result.total_ms / 1000.0 for m, o in outputs.items()}
             with self.router_lock:
@@ -423,7 +431,7 @@ class Engine:
         with self.router_lock:
             stats = self._stats.setdefault(name, _ModelStats())
             stats.calls += 1
-            stats.joules += out.record.joules if out.record is not None else 0.0
+            stats.joules += out.joules or 0.0
 
     def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> None:
         with self.router_lock:
