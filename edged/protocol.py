@@ -188,7 +188,7 @@ def _req_str(obj: dict[str, Any], key: str, rid: str) -> str:
 
 
 def _check_keys(obj: dict[str, Any], allowed: frozenset[str], rid: str) -> None:
-    unknown = sorted(set(obj) - allowed)
+    unknown = sorted(str(key) for key in set(obj) - allowed)  # keys may be bin as well as str
     if unknown:
         raise _bad(f"unknown field(s): {', '.join(unknown)}", rid)
 

@@ -94,6 +94,15 @@ def test_version_and_id_problems():
     assert code_of([1, 2, 3]) == ("bad_request", None)
 
 
+@pytest.mark.parametrize("op", ["health", "generate", "feedback", "cancel"])
+def test_bin_field_names_beside_str_ones_are_bad_requests(op):
+    obj = unpack(pack({**req(op=op, prompt="t1", request_id="g1", satisfied=True),
+                       b"bin": 1, "zz": 2}))
+    with pytest.raises(ProtocolError, match="unknown field") as info:
+        parse_request(obj)
+    assert info.value.code is ErrorCode.BAD_REQUEST and info.value.request_id == "r1"
+
+
 def test_simple_ops_and_feedback_and_cancel():
     assert parse_request(req(op="health")) == Request(id="r1", op="health")
     fb = parse_request(req(op="feedback", request_id="g1", satisfied=False, model="small"))
