@@ -10,6 +10,8 @@ import pytest
 
 from edged.cli import main
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 
 def nano_tree(root: Path) -> None:
     hw = root / "bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"

@@ -9,6 +9,8 @@ import pytest
 
 from edged.energy import EnergyConfigError, EnergyReadError, EstimateConfig, EstimateMeter
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 
 class Clock:
     def __init__(self, t: float = 0.0) -> None:

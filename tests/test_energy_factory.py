@@ -19,6 +19,8 @@ from edged.energy import (
     probe,
 )
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 
 def nano_tree(root: Path) -> None:
     hw = root / "bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"

@@ -18,6 +18,8 @@ from edged.energy import (
 )
 from edged.energy.ina3221 import discover_rails
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 
 class FakeClock:
     def __init__(self) -> None:

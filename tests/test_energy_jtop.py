@@ -6,6 +6,8 @@ import pytest
 
 from edged.energy import BackendUnavailable, JtopConfig, JtopMeter, create_meter, probe
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 
 class FakeClock:
     def __init__(self) -> None:

@@ -19,6 +19,7 @@ from edged.energy import (  # noqa: E402
     create_meter,
 )
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
 NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
 
 

@@ -10,6 +10,8 @@ import pytest
 from edged.energy import BackendUnavailable, PermissionDenied, RaplConfig, RaplMeter, create_meter
 from edged.energy.rapl import discover_zones
 
+pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
+
 MAX_UJ = 1_000_000  # a tiny range (1 J) so the test can wrap it
 
 

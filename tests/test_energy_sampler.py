@@ -24,6 +24,8 @@ from edged.energy import (
 from edged.energy.base import EnergyConfigError
 from edged.energy.sampler import IdleTracker, Source
 
+pytestmark = pytest.mark.timeout(120)  # a hung sampler thread fails, never hangs CI
+
 
 class FakeClock:
     def __init__(self, t: float = 0.0) -> None:
