@@ -162,6 +162,19 @@ def collect(sock: zmq.Socket, ids: list[str], timeout_s: float = 60.0
     return {rid: (deltas[rid], finals[rid]) for rid in ids}
 
 
+def finals(sock: zmq.Socket, count: int, replies: dict[str, dict[str, Any]] | None = None,
+           timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Final replies (streamed parts skipped) by id, read until `replies` holds `count`."""
+    replies = {} if replies is None else replies
+    end = time.monotonic() + timeout_s
+    while len(replies) < count and time.monotonic() < end:
+        if sock.poll(200):
+            msg = msgpack.unpackb(sock.recv_multipart()[-1])
+            if msg.get("done") is not False:
+                replies[msg["id"]] = msg
+    return replies
+
+
 def send(sock: zmq.Socket, message: dict[str, Any]) -> None:
     sock.send_multipart([b"", msgpack.packb({"v": 1, **message})])
 
@@ -293,13 +306,7 @@ def test_cancel_running_stream(daemon):
         first = msgpack.unpackb(sock.recv_multipart()[-1])
         assert first["done"] is False
         send(sock, {"id": "c1-cancel", "op": "cancel", "request_id": "c1"})
-        got: dict[str, dict] = {}
-        end = time.monotonic() + 30
-        while len(got) < 2 and time.monotonic() < end:
-            if sock.poll(200):
-                msg = msgpack.unpackb(sock.recv_multipart()[-1])
-                if msg.get("done") is not False:
-                    got[msg["id"]] = msg
+        got = finals(sock, 2)
         assert got["c1-cancel"]["ok"] and got["c1-cancel"]["was"] == "running"
         assert got["c1"]["error"]["code"] == "cancelled"
         assert got["c1"]["text"]  # what was generated before the stop
@@ -320,24 +327,13 @@ def test_busy_when_queue_full_and_cancel_queued(daemon):
         for rid in ids[1:]:  # two wait (queue_size = 2), the rest are refused
             send(sock, {"id": rid, "op": "generate", "prompt": "t1", "max_new_tokens": LONG,
                         "model": "small"})
-        replies: dict[str, dict] = {}
-        end = time.monotonic() + 30
-        while len(replies) < 3 and time.monotonic() < end:
-            if sock.poll(200):
-                msg = msgpack.unpackb(sock.recv_multipart()[-1])
-                if msg.get("done") is not False:
-                    replies[msg["id"]] = msg
+        replies = finals(sock, 3)
         assert {r["error"]["code"] for r in replies.values()} == {"busy"}
         accepted = [rid for rid in ids if rid not in replies]
         assert len(accepted) == 3
         for rid in [*accepted[1:], accepted[0]]:  # the queued first, then the running one
             send(sock, {"id": f"x-{rid}", "op": "cancel", "request_id": rid})
-        end = time.monotonic() + 30
-        while len(replies) < 9 and time.monotonic() < end:
-            if sock.poll(200):
-                msg = msgpack.unpackb(sock.recv_multipart()[-1])
-                if msg.get("done") is not False:
-                    replies[msg["id"]] = msg
+        finals(sock, 9, replies)
         was = sorted(replies[f"x-{rid}"]["was"] for rid in accepted)
         assert was == ["queued", "queued", "running"]
         assert {replies[rid]["error"]["code"] for rid in accepted} == {"cancelled"}

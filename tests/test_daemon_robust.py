@@ -8,7 +8,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from test_daemon import Daemon, config_text, daemon, rule_zoo, send  # noqa: F401 (fixtures)
+from test_daemon import Daemon, config_text, daemon, finals, rule_zoo, send  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -134,16 +134,11 @@ def test_flood_gets_busy_not_a_dead_daemon(daemon):  # noqa: F811
         for i in range(n):
             send(sock, {"id": f"fl{i}", "op": "generate", "prompt": "t1", "max_new_tokens": 50,
                         "model": "small"})
-        finals: dict[str, dict] = {}
-        end = time.monotonic() + 120
-        while len(finals) < n and time.monotonic() < end:
-            if sock.poll(500):
-                msg = msgpack.unpackb(sock.recv_multipart()[-1])
-                finals[msg["id"]] = msg
+        replies = finals(sock, n, timeout_s=120)
     finally:
         sock.close()
-    assert len(finals) == n  # every request answered
-    codes = {m["error"]["code"] for m in finals.values() if not m["ok"]}
+    assert len(replies) == n  # every request answered
+    codes = {m["error"]["code"] for m in replies.values() if not m["ok"]}
     assert codes <= {"busy"}
-    assert any(m["ok"] for m in finals.values())
+    assert any(m["ok"] for m in replies.values())
     assert daemon.call({"id": "h", "op": "health"})["status"] == "serving"
