@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = {
     "edged -signed_queue": {"signed_queue": False},
     "edged -lp_prior": {"lp_prior": False},
-    "edged -lean_explore": {"explore_runs": "all"},
+    "edged -lean_explore": {"explore_runs": "all", "explore_exponent": 0.25},
     "edged -margin": {"margin": 0.0},
     "edged -V_auto": {"V": 0.001},
-    "edged +calibration": {"calibration": True},
+    "edged -calibration": {"calibration": False},
     "edged +shared_head": {"shared_head": True},
-    "edged +optimism": {"optimism": 0.2},
+    "edged -optimism": {"optimism": 0.0},
+    "edged -chained_prior": {"prior_step": 0.0, "prior_strength": 2.0},
 }
 MAIN = ["messplus", "edged", "random", "random_constrained", "static_mix", "oracle"]
 
@@ -150,7 +151,7 @@ def render(summaries: list[dict], seeds: int, seconds: float) -> str:
         "Prequential (predicted before the label trained it) over every label the router saw.",
         "",
         "| benchmark | messplus Brier | messplus ECE | edged Brier | edged ECE | "
-        "edged +calibration Brier | ECE |",
+        "edged -calibration Brier | ECE |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
@@ -158,7 +159,7 @@ def render(summaries: list[dict], seeds: int, seconds: float) -> str:
         out.append(
             f"| {s['benchmark']} | {c['messplus']['brier']:.4f} | {c['messplus']['ece']:.4f} | "
             f"{c['edged']['brier']:.4f} | {c['edged']['ece']:.4f} | "
-            f"{c['edged +calibration']['brier']:.4f} | {c['edged +calibration']['ece']:.4f} |"
+            f"{c['edged -calibration']['brier']:.4f} | {c['edged -calibration']['ece']:.4f} |"
         )
     out.append("")
     return "\n".join(out)

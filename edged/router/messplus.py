@@ -101,3 +101,14 @@ def multiplier_for_target(
         else:
             low = mid
     return float(np.exp(high))
+
+
+def first_upgrade_slope(energy: np.ndarray, satisfaction: np.ndarray) -> float:
+    """Smallest `(E_m - E_0) / (s_m - s_0)` over models better than the cheapest one: the
+    multiplier at which the cheapest model first loses (inf when no model is better)."""
+    gain = satisfaction[1:] - satisfaction[0]
+    cost = energy[1:] - energy[0]
+    better = gain > 0
+    if not better.any():
+        return float("inf")
+    return float((np.maximum(cost[better], 0.0) / gain[better]).min())

@@ -167,12 +167,8 @@ class Router:
     def _lean_probability(choice: int, energy_j: np.ndarray, p_t: float) -> np.ndarray:
         """Cost-proportional exploration: run model k beside the choice with probability
         `min(1, p_t * E_choice / E_k)`, so each extra model costs about p_t of the request:
-        cheaper models are checked often, dearer ones rarely; the next dearer model (the
-        likeliest upgrade, starved otherwise) with the paper's p_t."""
-        prob = np.minimum(1.0, p_t * energy_j[choice] / np.maximum(energy_j, 1e-12))
-        if choice + 1 < prob.size:  # the next dearer model is the likeliest better choice
-            prob[choice + 1] = p_t
-        return prob
+        cheaper models are checked often, dearer ones rarely."""
+        return np.minimum(1.0, p_t * energy_j[choice] / np.maximum(energy_j, 1e-12))
 
     # -- feedback ----------------------------------------------------------------------------
 
@@ -227,8 +223,6 @@ class Router:
         cfg = self.config
         if not cfg.lp_prior or cfg.alpha is None or self.t - self.lam_t < self._LP_EVERY:
             return
-        if self.t < len(self.recent) // 4:  # too few predictions to trust an LP on them
-            return
         self.lam_t = self.t
         energy_j = self._energy_estimate()
         energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
@@ -236,7 +230,11 @@ class Router:
         recent = self.recent[: min(self.t, len(self.recent))]
         if cfg.optimism:
             recent = recent + cfg.optimism * self.predictor.uncertainty(self.t)
-        self.lam = messplus.multiplier_for_target(energy, recent, target)
+        lam = messplus.multiplier_for_target(energy, recent, target)
+        # Never let the prior alone go past the first upgrade from the cheapest model: when the
+        # estimates say only a dear model meets alpha, the deficit has to show it first (an
+        # early unlucky estimate would otherwise switch the whole stream to the dearest model).
+        self.lam = min(lam, messplus.first_upgrade_slope(energy, recent.mean(axis=0)))
 
     def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
