@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         "%(asctime)s %(levelname)s %(message)s")
     logging.basicConfig(level=args.log_level.upper(), format=fmt, stream=sys.stderr)
     overrides = Overrides(
-        endpoint=args.endpoint or os.environ.get("EDGED_ENDPOINT") or None,
+        endpoint=args.endpoint or None,  # $EDGED_ENDPOINT: applied (and checked) by the config
         state_dir=args.state_dir,
         model_dirs=tuple(args.models),
     )
