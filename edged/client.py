@@ -269,7 +269,8 @@ class Stream:
             self.close()
 
     def cancel(self) -> None:
-        """Ask the daemon to stop; the iterator then ends with `Cancelled`."""
+        """Ask the daemon to stop; the iterator then ends with `Cancelled` (or with the reply,
+        when the answer was complete and only exploration runs were left)."""
         self._sock.send_multipart(
             [b"", pack({"v": VERSION, "id": new_id(), "op": "cancel", "request_id": self.id})]
         )
@@ -419,5 +420,6 @@ class AsyncStream:
             self._client._waiting.pop(self.id, None)
 
     async def cancel(self) -> dict[str, Any]:
-        """Ask the daemon to stop; the iteration then ends with `Cancelled`."""
+        """Ask the daemon to stop; the iteration then ends with `Cancelled` (or with the reply,
+        when the answer was complete and only exploration runs were left)."""
         return await self._client.cancel(self.id)
