@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
+import time
 from unittest import mock
 
 import pytest
@@ -179,14 +181,21 @@ def test_gpu_index_out_of_range_is_a_config_error(monkeypatch):
 
 def test_sampler_thread_runs_against_fake(monkeypatch):
     fake = fake_pynvml(monkeypatch)
-    import time
-
-    fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = lambda h: int(20_000 * time.monotonic())
+    reads = itertools.count()
+    # 20 mJ more at each read: a window holds 20 mJ per sample, however the threads are timed
+    fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = lambda h: 20 * next(reads)
     meter = create_meter("nvml", period_s=0.01)
+
+    def wait_samples(count: int) -> None:
+        end = time.monotonic() + 30
+        while meter.sampler.sample_count < count and time.monotonic() < end:
+            time.sleep(0.01)
+
     try:
-        time.sleep(0.05)
+        wait_samples(5)
         with meter.window() as w:
-            time.sleep(0.6)
+            wait_samples(meter.sampler.sample_count + 30)  # taken by the background thread
     finally:
         meter.close()
-    assert w.record.joules == pytest.approx(20.0 * w.record.window_s, rel=0.05)
+    assert w.record.samples >= 31 and w.record.method == "nvml"
+    assert w.record.joules == pytest.approx(0.020 * w.record.samples)
