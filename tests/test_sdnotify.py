@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 
 import pytest
@@ -57,6 +58,20 @@ def test_disabled_without_socket(monkeypatch):
 def test_vanished_listener_is_not_an_error(tmp_path):
     notifier = Notifier(str(tmp_path / "gone.sock"))
     assert notifier.notify("STATUS=x") is False
+
+
+def test_a_listener_that_does_not_read_never_blocks_the_sender(tmp_path):
+    sock, address = listen(tmp_path, abstract=False)  # never read: its queue fills up
+    notifier = Notifier(address)
+    sent: list[bool] = []
+    sender = threading.Thread(target=lambda: sent.extend(notifier.watchdog() for _ in range(100)),
+                              daemon=True)
+    sender.start()
+    sender.join(20)
+    assert not sender.is_alive(), "notify blocked on a full listener queue"
+    assert sent[0] is True and sent.count(False) > 0  # the overflow is dropped, not waited on
+    notifier.close()
+    sock.close()
 
 
 @pytest.mark.parametrize("usec, pid, expected", [

@@ -31,13 +31,15 @@ class Notifier:
         return self._address is not None
 
     def notify(self, *lines: str) -> bool:
-        """Send one datagram; returns False (never raises) when systemd is not listening."""
+        """Send one datagram; returns False (never raises, never blocks) when systemd is not
+        listening or its queue is full (a blocking send would wedge the serving loop)."""
         if self._address is None:
             return False
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode("utf-8"), self._address)
+            data = "\n".join(lines).encode("utf-8")
+            self._sock.sendto(data, socket.MSG_DONTWAIT, self._address)
             return True
         except OSError:
             return False
