@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,19 +66,32 @@ class Daemon:
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         self.ctx = zmq.Context()
+        # read notifications as they come, as systemd does: an unread datagram queue fills up
+        # after a few watchdog pings (net.unix.max_dgram_qlen, 10 here) and drops the rest
+        self._reader = threading.Thread(target=self._read_notes, daemon=True)
+        self._reader.start()
+
+    def _read_notes(self) -> None:
+        while True:
+            try:
+                self.notes.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
 
     def wait_note(self, prefix: str, timeout_s: float = 60.0) -> str:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            for note in self.notes:
+            for note in list(self.notes):
                 if note.startswith(prefix):
                     return note
-            try:
-                self.notes.append(self.notify.recv(4096).decode())
-            except TimeoutError:
-                if self.proc.poll() is not None and prefix != "STATUS=stopped":
+            if self.proc.poll() is not None and prefix != "STATUS=stopped":
+                time.sleep(0.3)  # notes the daemon sent before it exited
+                if not any(note.startswith(prefix) for note in list(self.notes)):
                     raise AssertionError(f"daemon exited {self.proc.returncode}:\n"
-                                         f"{self.log.read_text()}") from None
+                                         f"{self.log.read_text()}")
+            time.sleep(0.02)
         raise AssertionError(f"no {prefix!r} in {self.notes}:\n{self.log.read_text()}")
 
     def socket(self, kind: int = zmq.DEALER) -> zmq.Socket:
@@ -110,6 +124,7 @@ class Daemon:
             self.proc.wait(10)
         self.ctx.destroy(linger=0)
         self.notify.close()
+        self._reader.join(5)
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
