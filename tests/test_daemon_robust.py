@@ -8,7 +8,15 @@ import time
 import msgpack
 import pytest
 import zmq
-from test_daemon import Daemon, config_text, daemon, finals, rule_zoo, send  # noqa: F401
+from test_daemon import (  # noqa: F401 (fixtures)
+    Daemon,
+    config_text,
+    daemon,
+    finals,
+    rule_zoo,
+    send,
+    wait_idle,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -57,10 +65,21 @@ def random_object(rng: random.Random, depth: int = 0):
     return base
 
 
-def drain_replies(sock: zmq.Socket, quiet_ms: int = 1500, limit_s: float = 60) -> list[dict]:
+def drain_replies(d: Daemon, sock: zmq.Socket, quiet_ms: int = 1500) -> list[dict]:
+    """Every reply to what `sock` sent: the loop answers in order up to a marker `health`, then
+    the workers' replies, until the daemon is idle and the socket quiet."""
+    send(sock, {"id": "marker", "op": "health"})
     replies = []
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end and sock.poll(quiet_ms):
+    end = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < end, "no reply to the marker"
+        if sock.poll(200):
+            reply = msgpack.unpackb(sock.recv_multipart()[-1], strict_map_key=False)
+            if reply.get("id") == "marker":
+                break
+            replies.append(reply)
+    wait_idle(d)
+    while sock.poll(quiet_ms):
         replies.append(msgpack.unpackb(sock.recv_multipart()[-1], strict_map_key=False))
     return replies
 
@@ -77,7 +96,7 @@ def test_fuzz_random_bytes_and_objects(daemon):  # noqa: F811
                 payload = msgpack.packb(random_object(rng), use_bin_type=rng.random() < 0.5)
             sock.send_multipart([b"", payload])
             sent += 1
-        replies = drain_replies(sock)
+        replies = drain_replies(daemon, sock)
     finally:
         sock.close()
     assert 0 < len(replies) <= sent
