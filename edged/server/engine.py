@@ -48,7 +48,7 @@ Emit = Callable[[list[bytes], dict[str, Any]], None]
 FINISHED_KEPT = 10_000  # finished requests remembered for feedback
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue withdraws this very job
 class Job:
     """One generate request from arrival to reply."""
 
