@@ -227,9 +227,7 @@ class Router:
         energy_j = self._energy_estimate()
         energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
         target = cfg.alpha  # the margin goes into the deficit only
-        recent = self.recent[: min(self.t, len(self.recent))]
-        if cfg.optimism:
-            recent = recent + cfg.optimism * self.predictor.uncertainty(self.t)
+        recent = self.recent[: min(self.t, len(self.recent))]  # plain predictions, no bonus
         lam = messplus.multiplier_for_target(energy, recent, target)
         # Never let the prior alone go past the first upgrade from the cheapest model: when the
         # estimates say only a dear model meets alpha, the deficit has to show it first (an
