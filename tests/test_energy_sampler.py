@@ -290,6 +290,28 @@ def test_bad_sampler_options_are_typed(cfg):
         SamplerConfig(**cfg)
 
 
+def test_push_only_edges_do_not_pile_up_when_samples_stop():
+    class Pushed(Source):
+        on_demand = False
+
+        def read(self) -> tuple[float, ...]:
+            raise AssertionError("push-only sources are never read")
+
+    clock = FakeClock()
+    meter = TraceMeter(Pushed(["a"], None), SamplerConfig(period_s=0.1, ring_s=1.0),
+                       clock=clock, start=False)
+    try:
+        meter.sampler.push(0.0, (2000.0,))
+        for _ in range(1000):  # the pushing service died; requests keep opening windows
+            with meter.window() as w:
+                clock.t += 0.1
+        assert len(meter.sampler._pending) <= 2 * 11  # only the edges within ring_s
+        assert w.record.approximate  # held from the last sample, and said so
+        assert w.record.joules == pytest.approx(2.0 * 0.1)
+    finally:
+        meter.close()
+
+
 def test_background_thread_with_concurrent_windows():
     """Real thread at 200 Hz, four workers opening windows: every record is exact for a
     constant 2 W source, whatever the interleaving."""

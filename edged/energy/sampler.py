@@ -356,6 +356,10 @@ class Sampler:
                     e + p * held_s for e, p in zip(self._e[last], self._p[last], strict=True)
                 )
             anchor = Anchor(t, self._seq, self._errors, None, held, held_s)
+            # a source that stopped pushing must not make every window edge pile up here:
+            # edges older than the ring keep their held value
+            horizon = t - self._config.ring_s
+            self._pending = [a for a in self._pending if a.t >= horizon]
             self._pending.append(anchor)
             return anchor
 
