@@ -104,6 +104,9 @@ def test_cli_replay_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["benchmark"] == "synthetic" and data["requests"] == 200
     assert main(["replay", str(tmp_path / "nope.csv")]) == 2
+    png = tmp_path / "r.png"
+    assert main(["replay", str(csv), "--alpha", "0.7", "--seeds", "1", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
