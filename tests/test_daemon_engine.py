@@ -148,3 +148,20 @@ def test_unmeasured_energy_is_not_learned(engine):
     stats = eng.stats()
     assert stats["router"]["t"] == 1 and stats["models"]["large"]["joules"] == 0.0
     assert all(m["energy_j"] is None for m in stats["router"]["models"].values())
+
+
+def test_a_reply_that_cannot_be_sent_does_not_kill_the_worker(engine):
+    eng, replies = engine
+    sent = replies.__call__
+    failures = iter([RuntimeError("socket gone")])
+
+    def flaky(envelope: list[bytes], message: dict[str, Any]) -> None:
+        if message.get("id") == "lost":
+            raise next(failures)
+        sent(envelope, message)
+
+    eng._emit = flaky
+    eng.submit(job("lost", max_new_tokens=2))
+    eng.submit(job("next", max_new_tokens=2))
+    reply = replies.final()
+    assert reply["id"] == "next" and reply["ok"], reply

@@ -353,7 +353,10 @@ class Engine:
             reply["done"] = True
             with self._lock:
                 self._active.pop(job.request.id, None)
-            self._emit(job.envelope, reply)
+            try:
+                self._emit(job.envelope, reply)
+            except Exception:  # a reply that cannot be sent must not take the worker with it
+                log.exception("reply to %s could not be sent", job.request.id)
 
     def _run(self, job: Job) -> dict[str, Any]:
         req = job.request
