@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
+from test_energy_sampler import FakeClock, wait_samples
 
 from edged.energy import (
     BackendUnavailable,
@@ -19,14 +19,6 @@ from edged.energy import (
 from edged.energy.ina3221 import discover_rails
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def hwmon_chip(
@@ -215,15 +207,10 @@ def test_live_sampler_thread_on_fake_tree(tmp_path):
     orin_nano(tmp_path)
     meter = create_meter("ina3221", sysfs_root=str(tmp_path), period_s=0.01)
 
-    def wait_samples(count: int) -> None:  # the thread's samples, however busy the machine
-        end = time.monotonic() + 30
-        while meter.sampler.sample_count < count and time.monotonic() < end:
-            time.sleep(0.01)
-
     try:
-        wait_samples(3)
+        wait_samples(meter.sampler, 3)
         with meter.window() as w:
-            wait_samples(meter.sampler.sample_count + 3)
+            wait_samples(meter.sampler, meter.sampler.sample_count + 3)
         assert meter.power_w()["total"] == pytest.approx(7.0)
     finally:
         meter.close()

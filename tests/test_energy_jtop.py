@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_energy_sampler import FakeClock
 
 from edged.energy import BackendUnavailable, JtopConfig, JtopMeter, create_meter, probe
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def power(vdd_in_mw: float, cpu_gpu_mw: float, soc_mw: float) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-import time
 from unittest import mock
 
 import pytest
+from test_energy_sampler import FakeClock, wait_samples
 
 pynvml = pytest.importorskip("pynvml")
 
@@ -23,14 +23,6 @@ from edged.energy import (  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
 NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def fake_pynvml(monkeypatch, count: int = 1):
@@ -62,7 +54,7 @@ def sweep(meter: NvmlMeter, clock: FakeClock, seconds: float, period: float = 0.
 
 def test_counter_difference_and_observed_update_period(monkeypatch):
     fake = fake_pynvml(monkeypatch)
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = counter_every_100ms(clock, 50.0)
     fake.nvmlDeviceGetPowerUsage.return_value = 50_000
     meter = NvmlMeter(NvmlConfig(), clock=clock, start=False)
@@ -93,7 +85,7 @@ def test_counter_difference_and_observed_update_period(monkeypatch):
 
 def test_several_gpus_are_summed(monkeypatch):
     fake = fake_pynvml(monkeypatch, count=2)
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     power = {"handle0": 100.0, "handle1": 300.0}
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = lambda h: int(power[h] * 1000 * clock.t)
     meter = NvmlMeter(NvmlConfig(gpu_indices="all"), clock=clock, start=False)
@@ -110,7 +102,7 @@ def test_old_gpu_without_counter_integrates_power(monkeypatch):
     fake = fake_pynvml(monkeypatch)
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = pynvml.NVMLError(NOT_SUPPORTED)
     fake.nvmlDeviceGetPowerUsage.return_value = 75_000  # mW
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     meter = NvmlMeter(clock=clock, start=False)
     try:
         assert meter.method == "nvml-power"
@@ -135,7 +127,7 @@ def test_jetson_not_supported_is_unavailable_never_zero(monkeypatch):
 
 def test_not_supported_mid_run_spoils_the_window(monkeypatch):
     fake = fake_pynvml(monkeypatch)
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = counter_every_100ms(clock, 10.0)
     meter = NvmlMeter(clock=clock, start=False)
     try:
@@ -186,15 +178,11 @@ def test_sampler_thread_runs_against_fake(monkeypatch):
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = lambda h: 20 * next(reads)
     meter = create_meter("nvml", period_s=0.01)
 
-    def wait_samples(count: int) -> None:
-        end = time.monotonic() + 30
-        while meter.sampler.sample_count < count and time.monotonic() < end:
-            time.sleep(0.01)
-
     try:
-        wait_samples(5)
+        wait_samples(meter.sampler, 5)
         with meter.window() as w:
-            wait_samples(meter.sampler.sample_count + 30)  # taken by the background thread
+            # taken by the background thread
+            wait_samples(meter.sampler, meter.sampler.sample_count + 30)
     finally:
         meter.close()
     assert w.record.samples >= 31 and w.record.method == "nvml"

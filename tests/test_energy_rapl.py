@@ -6,6 +6,7 @@ import pathlib
 from pathlib import Path
 
 import pytest
+from test_energy_sampler import FakeClock
 
 from edged.energy import BackendUnavailable, PermissionDenied, RaplConfig, RaplMeter, create_meter
 from edged.energy.rapl import discover_zones
@@ -13,14 +14,6 @@ from edged.energy.rapl import discover_zones
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
 
 MAX_UJ = 1_000_000  # a tiny range (1 J) so the test can wrap it
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def zone(root: Path, name: str, zone_name: str, uj: int, max_uj: int = MAX_UJ) -> Path:

@@ -35,6 +35,13 @@ class FakeClock:
         return self.t
 
 
+def wait_samples(sampler: Sampler, count: int, timeout_s: float = 30.0) -> None:
+    """Until the sampler has taken `count` samples: a busy machine delays its thread."""
+    end = time.monotonic() + timeout_s
+    while sampler.sample_count < count and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 class TraceSource(Source):
     """Power (mW) or cumulative energy (mJ) as functions of the fake clock's time."""
 
