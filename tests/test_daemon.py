@@ -445,3 +445,22 @@ def test_stories260k_through_the_daemon_matches_in_process(stories260k, tmp_path
         assert reply["usage"]["completion_tokens"] == local.completion_tokens
     finally:
         assert d.stop() == 0
+
+
+def test_final_reply_survives_a_client_that_reads_late(daemon):
+    """Streamed parts may be dropped at the high-water mark; the final reply never is."""
+    wait_idle(daemon)
+    done0 = daemon.call({"id": "s", "op": "stats"})["completed"]
+    sock = daemon.socket()
+    sock.setsockopt(zmq.RCVHWM, 10)
+    try:
+        send(sock, {"id": "late", "op": "generate", "prompt": "t1", "max_new_tokens": 20_000,
+                    "stream": True, "model": "small"})
+        end = time.monotonic() + 60  # finished while nobody read the socket
+        while daemon.call({"id": "s", "op": "stats"})["completed"] == done0:
+            assert time.monotonic() < end, "the generation never finished"
+            time.sleep(0.05)
+        final = finals(sock, 1)["late"]
+        assert final["ok"] and final["usage"]["completion_tokens"] == 20_000
+    finally:
+        sock.close()

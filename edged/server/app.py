@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -58,6 +59,8 @@ TICK_S = 0.05           # loop wake-up: deadlines, timers, signals
 BATCH = 256             # messages handled per socket per tick, so neither side starves
 STATE_FILE = "router-state.npz"
 FLUSH_MS = 2000         # after a drain: how long the last replies may take to leave the socket
+HELD_MAX = 10_000       # final replies kept for clients at their high-water mark
+PART, FINAL = b"p", b"f"  # first frame of a worker's message on the inproc pair
 
 
 class StartupError(RuntimeError):
@@ -151,6 +154,7 @@ class Server:
         self._auth: Any = None
         self._meter: EnergyMeter | None = None
         self._zoo: Zoo | None = None
+        self._held: deque[list[bytes]] = deque()  # final replies waiting for room
         self.received = 0
         self.dropped = 0
         self.started = time.monotonic()
@@ -249,6 +253,8 @@ class Server:
         stopping_since: float | None = None
         while True:
             events = dict(poller.poll(TICK_S * 1000))
+            if self._held:
+                self._send_held()
             if self._replies_in in events:
                 self._forward_replies()
             if self._sock in events:
@@ -277,6 +283,10 @@ class Server:
                 break
         self.engine.stop()
         self._forward_replies(everything=True)
+        end = time.monotonic() + FLUSH_MS / 1000.0
+        while self._held and time.monotonic() < end:
+            time.sleep(TICK_S / 5)
+            self._send_held()
         self._save()
         # LINGER=0 would discard the drained replies still queued in the socket at close
         self._sock.setsockopt(zmq.LINGER, FLUSH_MS)
@@ -298,28 +308,41 @@ class Server:
         count = 0
         while everything or count < BATCH:
             try:
-                frames = self._replies_in.recv_multipart(zmq.NOBLOCK)
+                kind, *frames = self._replies_in.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._send_frames(frames)
+            self._send_frames(frames, final=kind == FINAL)
             count += 1
 
-    def _send_frames(self, frames: list[bytes]) -> None:
+    def _send_frames(self, frames: list[bytes], final: bool) -> None:
+        """Send without blocking. A client at its high-water mark loses streamed parts, but its
+        final reply is held and retried every tick until there is room or the client is gone."""
         assert self._sock is not None
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
+            if exc.errno == errno.EAGAIN and final:
+                self._held.append(frames)
+                if len(self._held) > HELD_MAX:
+                    self._held.popleft()
+                    self.dropped += 1
+                return
             self.dropped += 1
             if exc.errno == errno.EHOSTUNREACH:
                 self.engine.vanished(frames[0])
             elif exc.errno != errno.EAGAIN:
                 log.warning("reply dropped: %s", exc)
 
+    def _send_held(self) -> None:
+        for _ in range(len(self._held)):
+            self._send_frames(self._held.popleft(), final=True)  # held again if still full
+
     def _emit(self, envelope: list[bytes], message: dict[str, Any]) -> None:
         """Send a reply from any thread: directly from the main one, else through inproc."""
         frames = [*envelope, pack(message)]
+        final = message.get("done") is not False
         if threading.get_ident() == self._main:
-            self._send_frames(frames)
+            self._send_frames(frames, final)
             return
         push = getattr(self._local, "push", None)
         if push is None:
@@ -329,7 +352,7 @@ class Server:
             push.setsockopt(zmq.LINGER, 0)
             push.connect(REPLIES)
             self._local.push = push
-        push.send_multipart(frames)
+        push.send_multipart([FINAL if final else PART, *frames])
 
     # -- one request ---------------------------------------------------------------------------
 
