@@ -34,7 +34,7 @@ def test_notify_order_drain_state_and_restart(rule_zoo, tmp_path):  # noqa: F811
         sock = d.socket()
         ids = ["a", "b"]
         for rid in ids:
-            send(sock, {"id": rid, "op": "generate", "prompt": "t1", "max_new_tokens": 20_000,
+            send(sock, {"id": rid, "op": "generate", "prompt": "t1", "max_new_tokens": 8_000,
                         "stream": True, "reference": "t1"})
         assert sock.poll(30_000)  # the first is running
         d.proc.send_signal(signal.SIGTERM)
