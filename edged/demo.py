@@ -1,0 +1,352 @@
+"""`edged demo`: the shipped demo zoo behind a real daemon, routed per request, against baselines.
+
+The demo starts `edged serve` as a subprocess on a temporary ipc endpoint with a temporary state
+directory (so it never touches a running daemon or its learned state), then:
+
+1. streams the eval set through `edged.client.Client` with `reference` answers: the daemon routes
+   every request (MESS+), labels the reply with the manifest's checker and learns from it;
+2. asks the same daemon for every distinct prompt on every model, with the `model` field (which
+   bypasses routing and leaves the router alone), which gives each request's label and joules per
+   model: always-largest, always-smallest and random (one seeded uniform pick per request) are
+   read from those outcomes, so all four policies are scored on the same requests and the same
+   meter. Greedy generation makes a prompt's label per model deterministic, so a prompt that
+   recurs (N above the eval set's size) reuses its first measurement.
+
+edged's energy counts every model the daemon ran for a request (exploration included). One
+unrouted request per model warms the daemon up first, so no policy pays for the cold start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged.client import Client, ClientError
+from edged.paths import demo_zoo_dir
+
+POLICIES = ("edged", "largest", "smallest", "random")
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run: missing zoo or eval set, a daemon that does not start or answer."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What `edged demo` runs. `manifest=None` means the shipped demo zoo."""
+
+    alpha: float = 0.8
+    requests: int = 400
+    seed: int = 0
+    energy: str = "auto"
+    manifest: Path | None = None
+    # RouterConfig fields beyond alpha and seed. The default margin (0.07 / sqrt(t)) fades too fast
+    # for a few hundred requests: the mean lands a request or two under alpha; t**-0.25 clears it.
+    router: dict[str, float | int | bool | str] = field(
+        default_factory=lambda: {"margin_decay": 0.25})
+    startup_timeout_s: float = 120.0
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DemoError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.requests < 1:
+            raise DemoError(f"requests must be >= 1, got {self.requests}")
+
+    @property
+    def zoo_manifest(self) -> Path:
+        return self.manifest or demo_zoo_dir() / "zoo.toml"
+
+
+@dataclass
+class PolicyResult:
+    """One policy over the request stream: per-request label, joules and serving model."""
+
+    labels: list[bool] = field(default_factory=list)
+    joules: list[float] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)
+
+    def summary(self, names: list[str]) -> dict[str, Any]:
+        n = len(self.labels)
+        counts = Counter(self.served)
+        return {
+            "satisfaction": sum(self.labels) / n if n else 0.0,
+            "energy_j_per_request": sum(self.joules) / n if n else 0.0,
+            "call_ratio": {name: counts[name] / n if n else 0.0 for name in names},
+        }
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo measured; `to_json` is the `--json` document."""
+
+    alpha: float
+    names: list[str]
+    prompts: list[str]
+    policies: dict[str, PolicyResult]
+    energy_method: str
+    q: list[float]
+    elapsed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "requests": len(self.prompts),
+            "policies": {p: self.policies[p].summary(self.names) for p in POLICIES},
+            "energy_method": self.energy_method,
+        }
+
+
+def load_eval_set(path: Path) -> list[dict[str, str]]:
+    """Rows of `eval.jsonl` (prompt, answer, bucket); a `DemoError` names a bad line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DemoError(f"cannot read the eval set {path}: {exc.strerror or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DemoError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row.get(k) for k in ("prompt", "answer")
+        ):
+            raise DemoError(f"{path}:{number}: needs non-empty string 'prompt' and 'answer'")
+        rows.append(row)
+    if not rows:
+        raise DemoError(f"the eval set {path} is empty")
+    return rows
+
+
+def request_stream(rows: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
+    """`n` requests: the eval set shuffled, reshuffled on every pass when `n` exceeds it."""
+    rng = random.Random(seed)
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        batch = list(rows)
+        rng.shuffle(batch)
+        out.extend(batch[: n - len(out)])
+    return out
+
+
+@contextlib.contextmanager
+def demo_daemon(config: DemoConfig) -> Iterator[str]:
+    """`edged serve` on a temporary ipc endpoint and state dir; yields the endpoint."""
+    manifest = config.zoo_manifest
+    with tempfile.TemporaryDirectory(prefix="edged-demo-") as tmp:
+        tmp_path = Path(tmp)
+        endpoint = f"ipc://{tmp_path / 'edged.sock'}"
+        extras = "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.router.items())
+        toml = (
+            f"[router]\nalpha = {config.alpha!r}\nseed = {config.seed}\n{extras}\n"
+            f"[energy]\nbackend = {json.dumps(config.energy)}\n"
+        )
+        if config.manifest is not None:  # else the daemon's own default: the demo zoo
+            toml += f"\n[models]\nmanifest = {json.dumps(str(manifest.resolve()))}\n"
+        (tmp_path / "edged.toml").write_text(toml, encoding="utf-8")
+        log_path = tmp_path / "serve.log"
+        cmd = [
+            sys.executable, "-m", "edged", "serve", "--config", str(tmp_path / "edged.toml"),
+            "--endpoint", endpoint, "--state-dir", str(tmp_path / "state"),
+            "--log-level", "warning",
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "EDGED_ENDPOINT"}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_ready(proc, endpoint, config.startup_timeout_s, log_path)
+            yield endpoint
+        finally:
+            _stop(proc)
+
+
+def _log_tail(log_path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], endpoint: str, timeout_s: float,
+                log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(endpoint, timeout_s=1.0, retries=0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DemoError(f"edged serve exited with code {proc.returncode}:\n"
+                                f"{_log_tail(log_path)}")
+            try:
+                if client.request("health").get("status") == "serving":
+                    return
+            except ClientError:
+                time.sleep(0.2)
+    raise DemoError(f"edged serve did not answer on {endpoint} within {timeout_s:.0f} s:\n"
+                    f"{_log_tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the daemon drains and exits 0), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _joules(body: dict[str, Any]) -> float:
+    energy = body.get("energy")
+    return float(energy["joules"]) if isinstance(energy, dict) else 0.0
+
+
+Progress = Callable[[str], None]
+
+
+def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult:
+    """Start the daemon, run the routed stream and the per-model pass, return the outcomes."""
+    if not config.zoo_manifest.is_file():
+        raise DemoError(f"no zoo manifest at {config.zoo_manifest} (set EDGED_DEMO_ZOO or --zoo)")
+    zoo_dir = config.zoo_manifest.parent
+    rows = request_stream(load_eval_set(zoo_dir / "eval.jsonl"), config.requests, config.seed)
+    say = progress or (lambda line: None)
+    started = time.monotonic()
+    with demo_daemon(config) as endpoint, Client(
+        endpoint, timeout_s=config.request_timeout_s, retries=0
+    ) as client:
+        names = [str(m["name"]) for m in client.models()]
+        for name in names:  # first runs are slow (allocations, caches): keep them out of the tally
+            client.generate(rows[0]["prompt"], model=name)
+        edged, q_trace, method = _routed(client, rows, names, config.alpha, say)
+        per_model = _per_model(client, rows, names, say)
+    policies = {"edged": edged}
+    for policy, pick in (("largest", lambda _i: names[-1]), ("smallest", lambda _i: names[0])):
+        policies[policy] = _replay(rows, per_model, pick)
+    rng = random.Random(config.seed)
+    picks = [rng.choice(names) for _ in rows]
+    policies["random"] = _replay(rows, per_model, picks.__getitem__)
+    return DemoResult(
+        alpha=config.alpha, names=names, prompts=[r["prompt"] for r in rows], policies=policies,
+        energy_method=method, q=q_trace, elapsed_s=time.monotonic() - started,
+    )
+
+
+def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha: float,
+            say: Progress) -> tuple[PolicyResult, list[float], str]:
+    result, q_trace, method = PolicyResult(), [], ""
+    for i, row in enumerate(rows, 1):
+        body = client.generate(row["prompt"], reference=row["answer"])
+        model = str(body["model"])
+        labels = body.get("labels") or {}
+        joules = _joules(body) + sum(_joules(e) for e in body.get("exploration") or ())
+        result.labels.append(bool(labels.get(model, False)))
+        result.joules.append(joules)
+        result.served.append(model)
+        q_trace.append(float(body.get("route", {}).get("q", 0.0) or 0.0))
+        method = (body.get("energy") or {}).get("method", method)
+        sat = sum(result.labels) / i
+        counts = Counter(result.served)
+        mix = " ".join(f"{n} {counts[n] / i:.0%}" for n in names)
+        say(f"routed {i}/{len(rows)}  satisfaction {sat:.3f} (alpha {alpha:.2f})  "
+            f"Q {q_trace[-1]:.2f}  energy {sum(result.joules):.2f} J  | {mix}")
+    return result, q_trace, method
+
+
+def _per_model(client: Client, rows: list[dict[str, str]], names: list[str],
+               say: Progress) -> dict[tuple[str, str], tuple[bool, float]]:
+    """(prompt, model) -> (label, joules), each measured once through the daemon."""
+    distinct = list(dict.fromkeys(r["prompt"] for r in rows))
+    answers = {r["prompt"]: r["answer"] for r in rows}
+    out: dict[tuple[str, str], tuple[bool, float]] = {}
+    total = len(distinct) * len(names)
+    for name in names:
+        for prompt in distinct:
+            body = client.generate(prompt, reference=answers[prompt], model=name)
+            out[(prompt, name)] = (bool((body.get("labels") or {}).get(name, False)),
+                                   _joules(body))
+            say(f"baselines {len(out)}/{total}  (every distinct prompt on {', '.join(names)})")
+    return out
+
+
+def _replay(rows: list[dict[str, str]], per_model: dict[tuple[str, str], tuple[bool, float]],
+            pick: Callable[[int], str]) -> PolicyResult:
+    result = PolicyResult()
+    for i, row in enumerate(rows):
+        name = pick(i)
+        label, joules = per_model[(row["prompt"], name)]
+        result.labels.append(label)
+        result.joules.append(joules)
+        result.served.append(name)
+    return result
+
+
+def format_table(result: DemoResult) -> str:
+    """The comparison table: satisfaction, SLA, energy per request, ratio to always-largest."""
+    doc = result.to_json()
+    largest = doc["policies"]["largest"]["energy_j_per_request"] or float("nan")
+    head = (f"{'policy':<9} {'satisfaction':>12} {'SLA':>5} {'J/request':>10} "
+            f"{'vs largest':>10}  mix")
+    lines = [head, "-" * len(head)]
+    for policy in POLICIES:
+        p = doc["policies"][policy]
+        sla = "met" if p["satisfaction"] >= result.alpha else "MISS"
+        mix = " ".join(f"{n} {r:.0%}" for n, r in p["call_ratio"].items())
+        lines.append(
+            f"{policy:<9} {p['satisfaction']:>12.3f} {sla:>5} {p['energy_j_per_request']:>10.4f} "
+            f"{p['energy_j_per_request'] / largest:>10.2f}  {mix}"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(result: DemoResult, path: Path) -> None:
+    """Running satisfaction vs alpha (left) and energy per request per policy (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = range(1, len(result.prompts) + 1)
+    colors = {"edged": "tab:green", "largest": "tab:red", "smallest": "tab:blue",
+              "random": "tab:gray"}
+    for policy in POLICIES:
+        labels = result.policies[policy].labels
+        running, total = [], 0
+        for i, ok in enumerate(labels, 1):
+            total += ok
+            running.append(total / i)
+        left.plot(x, running, label=policy, color=colors[policy],
+                  linewidth=2.2 if policy == "edged" else 1.2)
+    left.axhline(result.alpha, color="black", linestyle="--", linewidth=1, label="alpha (SLA)")
+    left.set_xlabel("request")
+    left.set_ylabel("running mean satisfaction")
+    left.set_ylim(0, 1.02)
+    left.legend(loc="lower right", fontsize=8)
+    left.set_title("satisfaction on the same requests")
+    doc = result.to_json()["policies"]
+    energy = [doc[p]["energy_j_per_request"] for p in POLICIES]
+    bars = right.bar(POLICIES, energy, color=[colors[p] for p in POLICIES])
+    for bar, policy in zip(bars, POLICIES, strict=True):
+        right.annotate(f"sat {doc[policy]['satisfaction']:.2f}",
+                       (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom", fontsize=8)
+    right.set_ylabel(f"J per request ({result.energy_method})")
+    right.set_title("energy per request")
+    fig.suptitle(f"edged demo: {len(result.prompts)} requests, alpha {result.alpha}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""`edged demo`: request stream, eval-set errors, and a short run end to end over the socket."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edged.demo import DemoConfig, DemoError, load_eval_set, request_stream
+from edged.paths import demo_zoo_dir
+
+ROWS = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+
+
+def test_request_stream_covers_the_set_then_reshuffles() -> None:
+    stream = request_stream(ROWS, 12, seed=3)
+    assert len(stream) == 12
+    assert sorted(r["prompt"] for r in stream[:5]) == sorted(r["prompt"] for r in ROWS)
+    assert sorted(r["prompt"] for r in stream[5:10]) == sorted(r["prompt"] for r in ROWS)
+    assert stream == request_stream(ROWS, 12, seed=3)
+    assert stream != request_stream(ROWS, 12, seed=4)
+
+
+def test_bad_eval_lines_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    with pytest.raises(DemoError, match=r"eval.jsonl:2: needs"):
+        load_eval_set(path)
+    path.write_text("not json\n")
+    with pytest.raises(DemoError, match=r"eval.jsonl:1: not JSON"):
+        load_eval_set(path)
+    path.write_text("\n")
+    with pytest.raises(DemoError, match="empty"):
+        load_eval_set(path)
+    with pytest.raises(DemoError, match="cannot read"):
+        load_eval_set(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(("alpha", "requests"), [(1.5, 10), (-0.1, 10), (0.8, 0)])
+def test_config_rejects_bad_values(alpha: float, requests: int) -> None:
+    with pytest.raises(DemoError):
+        DemoConfig(alpha=alpha, requests=requests)
+
+
+def test_missing_zoo_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edged", "demo", "--zoo", str(tmp_path / "zoo.toml"),
+         "--requests", "2", "--no-plot"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "no zoo manifest" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (demo_zoo_dir() / "zoo.toml").is_file(), reason="demo zoo not trained")
+def test_short_demo_end_to_end_over_the_socket(tmp_path: Path) -> None:
+    out, plot = tmp_path / "demo.json", tmp_path / "demo.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edged", "demo", "--requests", "20", "--alpha", "0.7",
+         "--json", str(out), "--plot", str(plot), "--energy", "estimate"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"alpha", "requests", "policies", "energy_method"}
+    assert doc["alpha"] == 0.7 and doc["requests"] == 20
+    assert doc["energy_method"]
+    policies = doc["policies"]
+    assert set(policies) == {"edged", "largest", "smallest", "random"}
+    names = ["small", "medium", "large"]
+    for policy in policies.values():
+        assert 0.0 <= policy["satisfaction"] <= 1.0
+        assert policy["energy_j_per_request"] > 0
+        assert list(policy["call_ratio"]) == names
+        assert sum(policy["call_ratio"].values()) == pytest.approx(1.0)
+    assert policies["largest"]["call_ratio"]["large"] == 1.0
+    assert policies["smallest"]["call_ratio"]["small"] == 1.0
+    assert policies["largest"]["satisfaction"] > policies["smallest"]["satisfaction"]
+    assert policies["largest"]["energy_j_per_request"] > policies["smallest"][
+        "energy_j_per_request"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "edged" in proc.stdout and "largest" in proc.stdout
+
+
+def test_router_options_are_typed_and_bad_ones_named() -> None:
+    from edged.commands.demo import parse_router_options
+
+    assert parse_router_options(["margin=0.1", "lp_prior=false", "lp_window=64", "V=auto"]) == {
+        "margin": 0.1, "lp_prior": False, "lp_window": 64, "V": "auto"}
+    with pytest.raises(DemoError, match="KEY=VALUE"):
+        parse_router_options(["margin"])
