@@ -96,7 +96,6 @@ class DemoResult:
     prompts: list[str]
     policies: dict[str, PolicyResult]
     energy_method: str
-    q: list[float]
     elapsed_s: float
 
     def to_json(self) -> dict[str, Any]:
@@ -231,7 +230,7 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
         names = [str(m["name"]) for m in client.models()]
         for name in names:  # first runs are slow (allocations, caches): keep them out of the tally
             client.generate(rows[0]["prompt"], model=name)
-        edged, q_trace, method = _routed(client, rows, names, config.alpha, say)
+        edged, method = _routed(client, rows, names, config.alpha, say)
         per_model = _per_model(client, rows, names, say)
     policies = {"edged": edged}
     for policy, pick in (("largest", lambda _i: names[-1]), ("smallest", lambda _i: names[0])):
@@ -241,13 +240,13 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     policies["random"] = _replay(rows, per_model, picks.__getitem__)
     return DemoResult(
         alpha=config.alpha, names=names, prompts=[r["prompt"] for r in rows], policies=policies,
-        energy_method=method, q=q_trace, elapsed_s=time.monotonic() - started,
+        energy_method=method, elapsed_s=time.monotonic() - started,
     )
 
 
 def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha: float,
-            say: Progress) -> tuple[PolicyResult, list[float], str]:
-    result, q_trace, method = PolicyResult(), [], ""
+            say: Progress) -> tuple[PolicyResult, str]:
+    result, method = PolicyResult(), ""
     for i, row in enumerate(rows, 1):
         body = client.generate(row["prompt"], reference=row["answer"])
         model = str(body["model"])
@@ -256,14 +255,14 @@ def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha:
         result.labels.append(bool(labels.get(model, False)))
         result.joules.append(joules)
         result.served.append(model)
-        q_trace.append(float(body.get("route", {}).get("q", 0.0) or 0.0))
+        q = float(body.get("route", {}).get("q", 0.0) or 0.0)
         method = (body.get("energy") or {}).get("method", method)
         sat = sum(result.labels) / i
         counts = Counter(result.served)
         mix = " ".join(f"{n} {counts[n] / i:.0%}" for n in names)
         say(f"routed {i}/{len(rows)}  satisfaction {sat:.3f} (alpha {alpha:.2f})  "
-            f"Q {q_trace[-1]:.2f}  energy {sum(result.joules):.2f} J  | {mix}")
-    return result, q_trace, method
+            f"Q {q:.2f}  energy {sum(result.joules):.2f} J  | {mix}")
+    return result, method
 
 
 def _per_model(client: Client, rows: list[dict[str, str]], names: list[str],

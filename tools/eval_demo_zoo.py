@@ -132,10 +132,12 @@ def demo_block(config: DemoConfig) -> str:
     result = run_demo(config, lambda line: print(f"\r\033[K{line}", end="", file=sys.stderr))
     print(file=sys.stderr)
     table_text = format_table(result)
+    router = ", ".join(f"`{k}={v}`" for k, v in config.router.items())
     print(table_text)
     return (
         f"`edged demo` with its defaults ({config.requests} requests, alpha {config.alpha}, seed "
-        f"{config.seed}, energy backend `{config.energy}` -> `{result.energy_method}`), "
+        f"{config.seed}, router {router}, energy backend `{config.energy}` -> "
+        f"`{result.energy_method}`), "
         f"recorded by `python tools/eval_demo_zoo.py --demo`; {result.elapsed_s:.0f} s on this "
         "machine:"
         f"\n\n```\n{table_text}\n```"
