@@ -21,29 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from edged.checkers import get_checker  # noqa: E402
-from edged.demo import DemoConfig, format_table, run_demo  # noqa: E402
+from edged.demo import DemoConfig, DemoError, format_table, load_eval_set, run_demo  # noqa: E402
 from edged.energy import create_meter  # noqa: E402
 from edged.paths import demo_zoo_dir  # noqa: E402
 from edged.zoo import Zoo  # noqa: E402
 
 BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
 DEMO_BEGIN, DEMO_END = "<!-- demo:begin -->", "<!-- demo:end -->"
-
-
-def load_eval(path: Path) -> list[dict[str, str]]:
-    """Rows of `eval.jsonl`: prompt, answer, bucket (a clear error naming the bad line)."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"{path}:{number}: not JSON: {exc}") from exc
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "answer", "bucket")):
-            raise SystemExit(f"{path}:{number}: needs string prompt, answer and bucket")
-        rows.append(row)
-    return rows
 
 
 def evaluate(zoo: Zoo, rows: list[dict[str, str]], energy: str) -> dict[str, object]:
@@ -156,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     zoo = Zoo.from_manifest(args.zoo)
-    rows = load_eval(args.eval or args.zoo.parent / "eval.jsonl")
+    try:
+        rows = load_eval_set(args.eval or args.zoo.parent / "eval.jsonl")
+    except DemoError as exc:
+        raise SystemExit(str(exc)) from None
+    if any(not isinstance(row.get("bucket"), str) for row in rows):
+        raise SystemExit("every eval row needs a string 'bucket'")
     report = evaluate(zoo, rows, args.energy)
     text_table = table(report)
     print(text_table)
