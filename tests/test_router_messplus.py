@@ -134,3 +134,44 @@ def test_bad_input_is_typed() -> None:
         router.observe_labels(d, {"s": 2.0})
     with pytest.raises(RouterError):
         Router([])
+
+
+def test_margin_scales_with_label_spread() -> None:
+    for alpha in (0.5, 0.9):
+        d = Router(["s", "l"], RouterConfig(alpha=alpha, margin=0.1)).decide("a")
+        assert d.target == pytest.approx(alpha + 0.1 * 2.0 * np.sqrt(alpha * (1.0 - alpha)))
+    flat = Router(["s", "l"], RouterConfig(alpha=0.9, margin=0.05, margin_scaled=False))
+    assert flat.decide("a").target == pytest.approx(0.95)
+
+
+def _primed(config: RouterConfig, labels: dict[str, list[float]]) -> Router:
+    """Router whose energies are known (s: 1 J, l: 2 J) and whose models saw `labels`."""
+    router = Router(["s", "l"], config)
+    d = router.decide("cold start")
+    router.observe_energy(d, {"s": 1.0, "l": 2.0})
+    features = router.predictor.featurize("x")
+    for name, values in labels.items():
+        for label in values:
+            router.predictor.update(features, router.names.index(name), label)
+    return router
+
+
+@pytest.mark.parametrize("upward", [True, False])
+def test_optimism_upward_never_pulls_down_to_a_cheaper_model(upward: bool) -> None:
+    cfg = RouterConfig(alpha=0.8, c=0.0, lp_prior=False, optimism=1.0, optimism_upward=upward)
+    # s barely known (rate 0.5), l well known (0.9): with a deficit the plain choice is l; a
+    # bonus on s would undercut it.
+    router = _primed(cfg, {"s": [1.0, 0.0], "l": [1.0] * 180 + [0.0] * 20})
+    router.debt = 5.0
+    assert router.decide("q").model == ("l" if upward else "s")
+
+
+def test_optimism_upward_still_lifts_a_starved_dearer_model() -> None:
+    cfg = RouterConfig(alpha=0.8, c=0.0, lp_prior=False, optimism=1.0, prior_step=0.0)
+    # l unlucky on its two labels (rate 0.25 < s's 0.7): only the bonus gets it tried again
+    router = _primed(cfg, {"s": [1.0] * 140 + [0.0] * 60, "l": [0.0, 0.0]})
+    router.debt = 50.0
+    assert router.decide("q").model == "l"
+    plain = _primed(cfg.with_(optimism=0.0), {"s": [1.0] * 140 + [0.0] * 60, "l": [0.0, 0.0]})
+    plain.debt = 50.0
+    assert plain.decide("q").model == "s"

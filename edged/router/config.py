@@ -25,8 +25,13 @@ class RouterConfig:
         other model k with probability `min(1, p_t * E_choice / E_k)` (cost-proportional).
     margin, margin_decay: aim at `alpha + margin * t**-margin_decay` so that the final mean
         clears alpha despite the queue backlog Q_T / T.
-    optimism: decide on `s_m + optimism * sqrt(r_m (1 - r_m) / (n_m + 2))` (r_m: the model's
-        running success rate over its n_m labels), so a model with few labels gets tried.
+    margin_scaled: multiply the margin by the label spread `2 sqrt(alpha (1 - alpha))` (1 at
+        alpha = 0.5): the deficit's noise, hence the surplus needed, grows with that spread.
+    optimism: decide on `s_m + optimism * sqrt(ln(1 + t) / (n_m + 2))` (n_m: the model's
+        labels), so a model with few labels gets tried.
+    optimism_upward: give that bonus only to models dearer than the choice made without it: a
+        bonus on a cheaper model than the one needed shifts the point where the deficit flips
+        the choice, so the deficit settles above zero and eats the margin.
     signed_queue: weigh decisions by the unclipped deficit sum(target - s) instead of the
         paper's Q (which is still kept and reported): surplus is spent, not forgotten.
     lp_prior: add the multiplier that meets the target on the predictions of the last
@@ -49,9 +54,11 @@ class RouterConfig:
     explore_runs: ExploreRuns = "lean"
     v_auto: float = 3.0
     v_growth: float = 0.0
-    margin: float = 0.1
+    margin: float = 0.13
     margin_decay: float = 0.5
+    margin_scaled: bool = True
     optimism: float = 0.2
+    optimism_upward: bool = True
     signed_queue: bool = True
     lp_prior: bool = True
     lp_window: int = 512
@@ -115,7 +122,8 @@ class RouterConfig:
         """Faithful MESS+: raw-joule V, full-zoo exploration at `c / t^(1/4)`, no extras."""
         return cls(
             alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
-            margin=0.0, optimism=0.0, signed_queue=False, lp_prior=False, calibration=False,
+            margin=0.0, margin_scaled=False, optimism=0.0, optimism_upward=False,
+            signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False, prior_strength=2.0, prior_step=0.0,
         )
 

@@ -122,7 +122,10 @@ class Router:
             allowed = (self.latency.count == 0) | (latency_s * 1000.0 <= deadline_ms)
         target = None
         if cfg.alpha is not None:
-            target = min(1.0, cfg.alpha + cfg.margin * t ** -cfg.margin_decay)
+            margin = cfg.margin * t**-cfg.margin_decay
+            if cfg.margin_scaled:
+                margin *= 2.0 * math.sqrt(cfg.alpha * (1.0 - cfg.alpha))
+            target = min(1.0, cfg.alpha + margin)
         if cfg.V == "auto":
             v = cfg.v_auto * t**cfg.v_growth
             energy = energy_j / energy_j.max() if energy_j.max() > 0 else energy_j
@@ -130,12 +133,19 @@ class Router:
             v = float(cfg.V)
             energy = energy_j
         self.recent[t % len(self.recent)] = sat
-        hopeful = sat + cfg.optimism * self.predictor.uncertainty(t) if cfg.optimism else sat
+        multiplier = self._multiplier(v)
         cost = messplus.objective(
-            energy, hopeful, q=self._multiplier(v), v=v, alpha=target, z=self.z,
+            energy, sat, q=multiplier, v=v, alpha=target, z=self.z,
             energy_j=energy_j, budget_j=cfg.energy_budget_j,
         )
         choice = messplus.choose(cost, allowed)
+        if cfg.optimism:
+            bonus = cfg.optimism * self.predictor.uncertainty(t)
+            if cfg.optimism_upward:
+                bonus[: choice + 1] = 0.0
+            if bonus.any():  # the cost is linear in s: -multiplier per unit (-V without alpha)
+                weight = multiplier if target is not None else v
+                choice = messplus.choose(cost - weight * bonus, allowed)
         ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
         ok[choice] = True
         p_t = messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
