@@ -117,3 +117,12 @@ def test_edged_meets_alpha_on_real_benchmark(messplus_dir: Path) -> None:
     assert edged["min_satisfaction"] >= 0.80
     assert edged["energy_j_per_request"] < result.summary["policies"]["random"][
         "energy_j_per_request"]
+
+
+def test_run_benchmark_first_seed_gives_other_shuffles() -> None:
+    trace = synthetic(200)
+    first = run_benchmark(trace, 0.7, seeds=2).summary["policies"]["edged"]
+    again = run_benchmark(trace, 0.7, seeds=2, first_seed=0).summary["policies"]["edged"]
+    later = run_benchmark(trace, 0.7, seeds=2, first_seed=5).summary["policies"]["edged"]
+    assert first == again
+    assert later["energy_j_per_request"] != first["energy_j_per_request"]

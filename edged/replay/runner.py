@@ -62,16 +62,18 @@ def run_benchmark(
     seeds: int = 5,
     routers: Mapping[str, ConfigFactory] | None = None,
     progress: Callable[[str], None] | None = None,
+    first_seed: int = 0,
 ) -> BenchmarkResult:
-    """All policies on `seeds` shuffles of `trace`. `routers` maps policy name to config maker
-    (default: `messplus` faithful and `edged`)."""
+    """All policies on `seeds` shuffles of `trace` (seeds first_seed, first_seed + 1, ...; a
+    later range is a held-out check of settings chosen on the first). `routers` maps policy
+    name to config maker (default: `messplus` faithful and `edged`)."""
     routers = dict(routers or {"messplus": paper_factory(), "edged": edged_factory()})
     n = len(trace)
     outcomes: dict[str, list[Outcome]] = {}
     plan = baselines.static_mix_plan(trace, alpha)
     constrained = baselines.constrained_probs(trace, alpha)
     uniform = np.full(len(trace.models), 1.0 / len(trace.models))
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         order = np.random.default_rng(seed).permutation(n)
         shuffled = trace.subset(order)
         runs: dict[str, Callable[[], Outcome]] = {
@@ -86,7 +88,7 @@ def run_benchmark(
         runs["oracle"] = partial(baselines.oracle, shuffled, alpha)
         for name, run in runs.items():
             if progress is not None:
-                progress(f"{trace.benchmark}: seed {seed + 1}/{seeds} {name}")
+                progress(f"{trace.benchmark}: seed {seed - first_seed + 1}/{seeds} {name}")
             outcomes.setdefault(name, []).append(run())
     return BenchmarkResult(_summary(trace, alpha, seeds, outcomes), _curves(outcomes))
 
