@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="intra/inter-op threads, both engines")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="alternating subprocess rounds")
-    p.add_argument("--out", type=Path, default=Path("out/bench-generate.json"))
+    p.add_argument("--out", type=Path, default=Path("out/bench/generate.json"))
     p.add_argument("--plot", type=Path, default=None, help="also draw a PNG here")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

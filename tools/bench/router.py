@@ -3,7 +3,7 @@
 Compares edged's default RouterConfig with the faithful MESS+ configuration (the named
 baseline) in the same run; prints a table and writes JSON (ratios edged / baseline).
 
-    python tools/bench/router.py [--requests 5000] [--json bench-router.json]
+    python tools/bench/router.py [--requests 5000] [--json out/bench/router.json]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def measure(names: list[str], config: RouterConfig, prompts: list[str]) -> dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--json", default="bench-router.json")
+    parser.add_argument("--json", default="out/bench/router.json")
     args = parser.parse_args()
     prompts = texts(args.requests)
     configs = {
@@ -86,6 +87,7 @@ def main() -> int:
         ratios[str(n_models)] = {k: ours[k] / base[k] for k in base if k.endswith("_us")}
         print(f"edged / messplus, {n_models} models: "
               + ", ".join(f"{k} x{v:.2f}" for k, v in ratios[str(n_models)].items()))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump({"baseline": "messplus (RouterConfig.paper)", "requests": args.requests,
                    "rows": rows, "ratio_edged_over_baseline": ratios}, handle, indent=1)
