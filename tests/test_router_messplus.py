@@ -175,3 +175,54 @@ def test_optimism_upward_still_lifts_a_starved_dearer_model() -> None:
     plain = _primed(cfg.with_(optimism=0.0), {"s": [1.0] * 140 + [0.0] * 60, "l": [0.0, 0.0]})
     plain.debt = 50.0
     assert plain.decide("q").model == "s"
+
+
+def test_ladder_serves_the_next_model_not_the_dearest() -> None:
+    cfg = RouterConfig(alpha=0.8, c=0.0, lp_prior=False, optimism=1.0)
+    names = ["s", "m", "l"]
+    labels = {"s": [1.0] * 70 + [0.0] * 30, "m": [1.0] * 90 + [0.0] * 10, "l": [1.0] * 3}
+    for ladder, expect in ((True, "m"), (False, "l")):
+        router = Router(names, cfg.with_(ladder=ladder))
+        d = router.decide("cold start")
+        router.observe_energy(d, {"s": 1.0, "m": 5.0, "l": 25.0})
+        features = router.predictor.featurize("x")
+        for name, values in labels.items():
+            for label in values:
+                router.predictor.update(features, names.index(name), label)
+        router.debt = 40.0  # deficit up; the rarely labelled l carries a big optimism bonus
+        assert router.decide("q").model == expect
+
+
+def test_ladder_passes_a_model_confidently_below_target() -> None:
+    cfg = RouterConfig(alpha=0.8, c=0.0, lp_prior=False, optimism=0.0)
+    names = ["s", "m", "l"]
+    router = Router(names, cfg)
+    d = router.decide("cold start")
+    router.observe_energy(d, {"s": 1.0, "m": 5.0, "l": 25.0})
+    features = router.predictor.featurize("x")
+    for name, values in {"s": [0.0] * 400, "m": [1.0] * 200 + [0.0] * 200,
+                         "l": [1.0] * 400}.items():
+        for label in values:
+            router.predictor.update(features, names.index(name), label)
+    assert router._ladder_cap(0.8, router.t) == 2
+    router.debt = 40.0
+    assert router.decide("q").model == "l"
+
+
+def test_lp_prior_follows_current_rates() -> None:
+    """The LP multiplier is solved on today's running rates, not the ones stored back then."""
+    names = ["s", "l"]
+    for current, expect_zero in ((True, False), (False, True)):
+        cfg = RouterConfig(alpha=0.8, c=0.0, optimism=0.0, lp_current_rates=current)
+        router = Router(names, cfg)
+        features = router.predictor.featurize("x")
+        for _ in range(100):  # s looks good enough while the window fills ...
+            router.predictor.update(features, 0, 1.0)
+        for i in range(40):
+            d = router.decide(f"q{i}")
+            router.observe_energy(d, {n: 1.0 if n == "s" else 10.0 for n in d.run})
+        for _ in range(300):  # ... then turns out far below alpha
+            router.predictor.update(features, 0, 0.0)
+        router.lam_t = 0
+        router._refresh_lp_prior()
+        assert (router.lam == 0.0) == expect_zero

@@ -60,3 +60,18 @@ def test_warm_start_sets_estimates() -> None:
     d = router.decide("fresh")
     assert not d.explored  # estimates known: no cold-start exploration
     assert d.predicted_energy_j == {"s": 2.0, "l": 20.0}
+
+
+def test_prior_floor_is_a_floor_not_a_pull() -> None:
+    pulled = Predictor(2, dim_bits=8, prior_strength=20.0, prior_step=0.03)
+    floored = Predictor(2, dim_bits=8, prior_strength=20.0, prior_step=0.03, prior_floor=True)
+    f = pulled.featurize("x")
+    for p in (pulled, floored):
+        for i in range(100):
+            p.update(f, 0, float(i % 10 < 7))  # s: 0.7
+        for i in range(20):
+            p.update(f, 1, float(i % 10 < 9))  # m: 0.9 on its own labels
+    assert floored.rates[1] > 0.85 > pulled.rates[1]  # own data counts in full
+    for _ in range(10):
+        floored.update(f, 1, 0.0)  # unlucky m never drops below s's rate + step
+    assert floored.rates[1] >= floored.rates[0] + 0.03 - 1e-9

@@ -32,6 +32,16 @@ class RouterConfig:
     optimism_upward: give that bonus only to models dearer than the choice made without it: a
         bonus on a cheaper model than the one needed shifts the point where the deficit flips
         the choice, so the deficit settles above zero and eats the margin.
+    ladder, ladder_ucb: escalate one model at a time: serve at most the second cheapest model,
+        or a dearer one only while every model below it is confidently short of the target
+        (running rate + ladder_ucb * UCB width < target). Without it a few labels of deficit
+        plus the optimism bonus of a rarely labelled 70B made it look worth 5x the joules.
+    prior_floor: the chained prior is only a floor (model m's rate is the larger of its own
+        Beta(1, 1) estimate and model m-1's rate + prior_step), not a pull towards the cheaper
+        model that keeps the next model's early rate just below the target.
+    lp_current_rates: the LP prior re-solves on the recent requests' text-head deviations
+        added to the current running rates, not on stale probabilities (an early lucky rate
+        of the cheapest model kept the multiplier at 0 for a whole window).
     signed_queue: weigh decisions by the unclipped deficit sum(target - s) instead of the
         paper's Q (which is still kept and reported): surplus is spent, not forgotten.
     lp_prior: add the multiplier that meets the target on the predictions of the last
@@ -59,6 +69,10 @@ class RouterConfig:
     margin_scaled: bool = True
     optimism: float = 0.2
     optimism_upward: bool = True
+    ladder: bool = True
+    ladder_ucb: float = 0.2
+    prior_floor: bool = True
+    lp_current_rates: bool = True
     signed_queue: bool = True
     lp_prior: bool = True
     lp_window: int = 512
@@ -112,6 +126,8 @@ class RouterConfig:
             raise bad("learning_rate", "must be > 0")
         if self.energy_budget_j is not None and not self.energy_budget_j > 0.0:
             raise bad("energy_budget_j", "must be > 0 or None")
+        if self.ladder_ucb < 0.0:
+            raise bad("ladder_ucb", "must be >= 0")
         if self.latency_sigma < 0.0:
             raise bad("latency_sigma", "must be >= 0")
 
@@ -124,7 +140,8 @@ class RouterConfig:
             alpha=alpha, V=V, c=c, seed=seed, explore_exponent=0.25, explore_runs="all",
             margin=0.0, margin_scaled=False, optimism=0.0, optimism_upward=False,
             signed_queue=False, lp_prior=False, calibration=False,
-            shared_head=False, prior_strength=2.0, prior_step=0.0,
+            shared_head=False, prior_strength=2.0, prior_step=0.0, ladder=False,
+            prior_floor=False, lp_current_rates=False,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -87,7 +87,9 @@ class Predictor:
         calibration: bool = True,
         prior_strength: float = 2.0,
         prior_step: float = 0.0,
+        prior_floor: bool = False,
     ) -> None:
+        self.prior_floor = prior_floor
         self.n_models = n_models
         self.dim_bits = dim_bits
         self.learning_rate = learning_rate
@@ -108,7 +110,10 @@ class Predictor:
         rates = np.empty(self.n_models)
         prior, strength = 0.5, 2.0
         for m in range(self.n_models):
-            rates[m] = (self.hits[m] + strength * prior) / (self.labels[m] + strength)
+            if self.prior_floor and self.prior_step > 0.0 and m > 0:  # a floor, not a pull
+                rates[m] = max((self.hits[m] + 1.0) / (self.labels[m] + 2.0), prior)
+            else:
+                rates[m] = (self.hits[m] + strength * prior) / (self.labels[m] + strength)
             if self.prior_step > 0.0:  # chained prior; prior_step 0 keeps every Beta(1, 1)
                 prior = min(rates[m] + self.prior_step, 0.999)
                 strength = self.prior_strength

@@ -75,6 +75,7 @@ class Router:
             len(names), dim_bits=cfg.dim_bits, learning_rate=cfg.learning_rate,
             shared=cfg.shared_head, calibration=cfg.calibration,
             prior_strength=cfg.prior_strength, prior_step=cfg.prior_step,
+            prior_floor=cfg.prior_floor,
         )
         self.energy = RunningStats(len(names))
         self.latency = RunningStats(len(names))
@@ -132,20 +133,29 @@ class Router:
         else:
             v = float(cfg.V)
             energy = energy_j
-        self.recent[t % len(self.recent)] = sat
+        if cfg.lp_current_rates:  # the text head's part only; rates are added when solving
+            self.recent[t % len(self.recent)] = np.log(sat / (1.0 - sat)) - self.predictor._base
+        else:
+            self.recent[t % len(self.recent)] = sat
+        limit = len(self.names)  # the choice takes one of the first `limit` (exploration: any)
+        if cfg.ladder and target is not None:
+            limit = self._ladder_cap(target, t) + 1
+            if allowed is not None and not allowed[:limit].any():
+                limit = len(self.names)
+        pick = None if allowed is None else allowed[:limit]
         multiplier = self._multiplier(v)
         cost = messplus.objective(
             energy, sat, q=multiplier, v=v, alpha=target, z=self.z,
             energy_j=energy_j, budget_j=cfg.energy_budget_j,
         )
-        choice = messplus.choose(cost, allowed)
+        choice = messplus.choose(cost[:limit], pick)
         if cfg.optimism:
             bonus = cfg.optimism * self.predictor.uncertainty(t)
             if cfg.optimism_upward:
                 bonus[: choice + 1] = 0.0
             if bonus.any():  # the cost is linear in s: -multiplier per unit (-V without alpha)
                 weight = multiplier if target is not None else v
-                choice = messplus.choose(cost - weight * bonus, allowed)
+                choice = messplus.choose((cost - weight * bonus)[:limit], pick)
         ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
         ok[choice] = True
         p_t = messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
@@ -172,6 +182,18 @@ class Router:
             predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
             features=features,
         )
+
+    def _ladder_cap(self, target: float, t: int) -> int:
+        """The dearest model the deficit may escalate to: the second cheapest, or past a model
+        only while its running rate's upper bound is below the target (scalar math: hot path)."""
+        rates, labels = self.predictor.rates, self.predictor.labels
+        width = self.config.ladder_ucb * math.sqrt(math.log1p(t))
+        cap = min(1, len(rates) - 1)
+        while cap < len(rates) - 1:
+            if rates[cap] + width / math.sqrt(labels[cap] + 2.0) >= target:
+                break
+            cap += 1
+        return cap
 
     @staticmethod
     def _lean_probability(choice: int, energy_j: np.ndarray, p_t: float) -> np.ndarray:
@@ -238,6 +260,8 @@ class Router:
         energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
         target = cfg.alpha  # the margin goes into the deficit only
         recent = self.recent[: min(self.t, len(self.recent))]  # plain predictions, no bonus
+        if cfg.lp_current_rates:
+            recent = 1.0 / (1.0 + np.exp(-(recent + self.predictor._base)))
         lam = messplus.multiplier_for_target(energy, recent, target)
         # Never let the prior alone go past the first upgrade from the cheapest model: when the
         # estimates say only a dear model meets alpha, the deficit has to show it first (an

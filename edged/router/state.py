@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "edged-router-state"
-VERSION = 1
+VERSION = 2  # 2: `recent` holds text-head deviations (lp_current_rates), not probabilities
 
 
 class StateError(RuntimeError):
