@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from test_energy_ina3221 import orin_nano
 
 from edged.cli import main
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
-
-
-def nano_tree(root: Path) -> None:
-    hw = root / "bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
-    hw.mkdir(parents=True)
-    for n, (label, ma) in enumerate([("VDD_IN", 1200), ("VDD_CPU_GPU_CV", 400)], start=1):
-        (hw / f"in{n}_label").write_text(label)
-        (hw / f"in{n}_input").write_text("5000")
-        (hw / f"curr{n}_input").write_text(str(ma))
 
 
 def test_probe_on_this_machine_names_estimate_and_reasons(capsys):
@@ -33,16 +24,16 @@ def test_probe_on_this_machine_names_estimate_and_reasons(capsys):
 
 def test_probe_json_with_fake_tree(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    nano_tree(tmp_path)
+    orin_nano(tmp_path)
     assert main(["energy", "probe", "--json", "-o", f"sysfs_root={tmp_path}"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["auto"] == "ina3221"
-    assert data["backends"]["ina3221"]["channels"] == ["VDD_IN", "VDD_CPU_GPU_CV"]
+    assert data["backends"]["ina3221"]["channels"] == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"]
     assert "pynvml" in data["backends"]["nvml"]["reason"]
 
 
 def test_watch_prints_rails_and_final_record(tmp_path, capsys):
-    nano_tree(tmp_path)
+    orin_nano(tmp_path)
     argv = [
         "energy",
         "watch",
@@ -59,10 +50,10 @@ def test_watch_prints_rails_and_final_record(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "VDD_CPU_GPU_CV" in out and "6.000" in out
+    assert "VDD_CPU_GPU_CV" in out and "7.000" in out
     final = json.loads(out.strip().splitlines()[-1])
     assert final["backend"] == "ina3221"
-    assert final["joules"] == pytest.approx(6.0 * final["window_s"])
+    assert final["joules"] == pytest.approx(7.0 * final["window_s"])
 
 
 def test_watch_forced_unavailable_backend_is_a_clear_error(tmp_path, capsys):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
+from test_energy_ina3221 import orin_nano
 
 from edged.energy import (
     BackendUnavailable,
@@ -20,15 +20,6 @@ from edged.energy import (
 )
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
-
-
-def nano_tree(root: Path) -> None:
-    hw = root / "bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
-    hw.mkdir(parents=True)
-    for n, (label, ma) in enumerate([("VDD_IN", 1000), ("VDD_SOC", 200)], start=1):
-        (hw / f"in{n}_label").write_text(label)
-        (hw / f"in{n}_input").write_text("5000")
-        (hw / f"curr{n}_input").write_text(str(ma))
 
 
 @pytest.fixture
@@ -53,10 +44,10 @@ def test_probe_without_sensors_reports_estimate_and_why_not(tmp_path, no_nvml):
 
 
 def test_auto_prefers_the_jetson_rails_when_present(tmp_path, no_nvml):
-    nano_tree(tmp_path)
+    orin_nano(tmp_path)
     results = probe(sysfs_root=str(tmp_path))
     assert results["ina3221"].available
-    assert results["ina3221"].channels == ("VDD_IN", "VDD_SOC")
+    assert results["ina3221"].channels == ("VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC")
     assert auto_choice(results) == "ina3221"
     meter = create_meter("auto", sysfs_root=str(tmp_path), period_s=0.02, watts_per_core=3.0)
     try:
