@@ -6,22 +6,15 @@ import threading
 import time
 
 import pytest
+from test_energy_sampler import FakeClock
 
 from edged.energy import EnergyConfigError, EnergyReadError, EstimateConfig, EstimateMeter
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
 
 
-class Clock:
-    def __init__(self, t: float = 0.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_formula_with_injected_clocks():
-    wall, cpu = Clock(10.0), Clock(3.0)
+    wall, cpu = FakeClock(10.0), FakeClock(3.0)
     meter = EstimateMeter(EstimateConfig(watts_per_core=5.0, idle_w=1.5), clock=wall, cpu_clock=cpu)
     with meter.window() as w:
         wall.t += 4.0
