@@ -2,7 +2,7 @@
 
 from edged.replay.runner import DEFAULT_ALPHA, EDGED, BenchmarkResult, run_benchmark
 from edged.replay.simulate import Outcome, run_router
-from edged.replay.trace import Trace, TraceError, find_traces, load_trace
+from edged.replay.trace import Trace, TraceError, find_traces, load_trace, mix_traces
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -13,6 +13,7 @@ __all__ = [
     "TraceError",
     "find_traces",
     "load_trace",
+    "mix_traces",
     "run_benchmark",
     "run_router",
 ]

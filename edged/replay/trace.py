@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +31,43 @@ class Trace:
     energy_j: np.ndarray
     latency_s: np.ndarray
     path: Path | None = None
+    kinds: tuple[str, ...] | None = None  # per-request source benchmark (mixed streams)
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def kind_of_rows(self) -> tuple[str, ...]:
+        """Each request's benchmark: `kinds` for a mixed stream, else `benchmark` throughout."""
+        return self.kinds if self.kinds is not None else (self.benchmark,) * len(self)
+
     def subset(self, rows: np.ndarray) -> Trace:
         """The requests at `rows`, in that order."""
+        kinds = None if self.kinds is None else tuple(self.kinds[i] for i in rows)
         return Trace(
             self.benchmark, self.models, tuple(self.texts[i] for i in rows), self.labels[rows],
-            self.energy_j[rows], self.latency_s[rows], self.path,
+            self.energy_j[rows], self.latency_s[rows], self.path, kinds,
         )
+
+
+def mix_traces(traces: Sequence[Trace], name: str = "mixed") -> Trace:
+    """One stream of every request of `traces` (in file order; shuffle with `subset`), each
+    row tagged with its benchmark in `kinds`. All traces must have the same models."""
+    if not traces:
+        raise TraceError("mix_traces needs at least one trace")
+    models = traces[0].models
+    for trace in traces[1:]:
+        if trace.models != models:
+            raise TraceError(
+                f"{trace.path or trace.benchmark}: models {list(trace.models)} differ from "
+                f"{list(models)} of {traces[0].path or traces[0].benchmark}; a mixed stream "
+                "needs one zoo"
+            )
+    return Trace(
+        name, models, tuple(text for t in traces for text in t.texts),
+        np.concatenate([t.labels for t in traces]), np.concatenate([t.energy_j for t in traces]),
+        np.concatenate([t.latency_s for t in traces]), None,
+        tuple(kind for t in traces for kind in t.kind_of_rows()),
+    )
 
 
 def load_trace(path: str | Path) -> Trace:
