@@ -126,3 +126,14 @@ def test_run_benchmark_first_seed_gives_other_shuffles() -> None:
     later = run_benchmark(trace, 0.7, seeds=2, first_seed=5).summary["policies"]["edged"]
     assert first == again
     assert later["energy_j_per_request"] != first["energy_j_per_request"]
+
+
+def test_model_without_label_column_is_an_error(tmp_path: Path) -> None:
+    """Energy and time of model b but no label_b: an error naming it, not a 1-model replay."""
+    path = tmp_path / "nolabel.csv"
+    path.write_text(
+        "input_text,label_a,energy_consumption_a,inference_time_a,"
+        "energy_consumption_b,inference_time_b\nhi,1,2.0,0.1,4.0,0.2\n"
+    )
+    with pytest.raises(TraceError, match=r"nolabel\.csv: missing column\(s\) label_b"):
+        load_trace(path)

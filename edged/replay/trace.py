@@ -70,6 +70,20 @@ def mix_traces(traces: Sequence[Trace], name: str = "mixed") -> Trace:
     )
 
 
+_PER_MODEL = ("label", "energy_consumption", "inference_time")
+
+
+def _models(header: Sequence[str]) -> tuple[str, ...]:
+    """Every model any per-model column names, in column order: a model with energy and time
+    but no label must be reported missing, not dropped (that silently shrinks the zoo)."""
+    models: dict[str, None] = {}
+    for col in header:
+        for kind in _PER_MODEL:
+            if col.startswith(f"{kind}_") and len(col) > len(kind) + 1:
+                models.setdefault(col[len(kind) + 1 :], None)
+    return tuple(models)
+
+
 def load_trace(path: str | Path) -> Trace:
     """Read one CSV; raises TraceError naming the file, row and column of any problem."""
     path = Path(path)
@@ -80,11 +94,11 @@ def load_trace(path: str | Path) -> Trace:
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TraceError(f"{path}: cannot read ({exc})") from exc
-    models = tuple(col[len("label_") :] for col in header if col.startswith("label_"))
+    models = _models(header)
     if not models:
         raise TraceError(f"{path}: no label_<model> columns in header {header}")
     needed = ["input_text"] + [
-        f"{kind}_{m}" for m in models for kind in ("label", "energy_consumption", "inference_time")
+        f"{kind}_{m}" for m in models for kind in _PER_MODEL
     ]
     missing = [col for col in needed if col not in header]
     if missing:
@@ -93,7 +107,7 @@ def load_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path}: no requests")
     out = np.empty((3, len(rows), len(models)))
     for r, row in enumerate(rows):
-        for k, kind in enumerate(("label", "energy_consumption", "inference_time")):
+        for k, kind in enumerate(_PER_MODEL):
             for j, m in enumerate(models):
                 col = f"{kind}_{m}"
                 try:
