@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edged.cli import main
-from edged.replay import TraceError, baselines, load_trace, run_benchmark
+from edged.replay import TraceError, baselines, load_trace, mix_traces, run_benchmark
 from edged.replay.trace import Trace
 
 HEADER = (
@@ -137,3 +137,56 @@ def test_model_without_label_column_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(TraceError, match=r"nolabel\.csv: missing column\(s\) label_b"):
         load_trace(path)
+
+
+def two_benchmarks(seed: int = 1) -> Trace:
+    """Benchmark `easy` gains little from the dear models, `hard` a lot: per benchmark mixing
+    should spend the upgrades on `hard`, which one static mix for both cannot."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name, n, rates in (("easy", 300, (0.80, 0.84, 0.86)), ("hard", 200, (0.30, 0.60, 0.75))):
+        labels = (rng.random((n, 1)) < np.array(rates)).astype(float)
+        energy = np.array([1.0, 4.0, 20.0]) * rng.uniform(0.8, 1.2, (n, 3))
+        texts = tuple(f"{name} {i}" for i in range(n))
+        parts.append(Trace(name, ("a", "b", "c"), texts, labels, energy, energy / 100.0))
+    return mix_traces(parts)
+
+
+def test_task_mix_equals_static_mix_on_one_benchmark() -> None:
+    trace = synthetic(500)
+    for alpha in (0.4, 0.55, 0.65, 0.72, 0.79, 0.95):
+        plan = baselines.static_mix_plan(trace, alpha)
+        task = baselines.task_mix_plan(trace, alpha)
+        assert task == {"synthetic": plan}
+        assert baselines.task_mix(trace, task).energy_j.mean() == pytest.approx(
+            baselines.static_mix(trace, plan).energy_j.mean(), rel=1e-12)
+
+
+def test_task_mix_is_the_lp_optimum_on_two_benchmarks() -> None:
+    trace = two_benchmarks()
+    kinds = np.array(trace.kinds)
+    w = [(kinds == k).mean() for k in ("easy", "hard")]
+    acc = [trace.labels[kinds == k].mean(0) for k in ("easy", "hard")]
+    energy = [trace.energy_j[kinds == k].mean(0) for k in ("easy", "hard")]
+    step = 0.01
+    grid = np.array([(p, q, 1.0 - p - q) for p in np.arange(0, 1 + 1e-9, step)
+                     for q in np.arange(0, 1 - p + 1e-9, step)]).clip(0.0)
+    sat = w[0] * (grid @ acc[0])[:, None] + w[1] * (grid @ acc[1])[None, :]
+    cost = w[0] * (grid @ energy[0])[:, None] + w[1] * (grid @ energy[1])[None, :]
+    for alpha in (0.62, 0.70, 0.78):
+        plan = baselines.task_mix_plan(trace, alpha)
+        lp_sat, lp_cost = baselines.task_mix_expected(trace, plan)
+        brute = cost[sat >= alpha].min()
+        assert lp_sat == pytest.approx(alpha)
+        assert lp_cost <= brute + 1e-9  # no mixture on the grid is cheaper
+        assert lp_cost >= brute - 5.0 * step  # and the grid gets within its resolution
+        static = baselines.static_mix_plan(trace, alpha)
+        i, j, x = static
+        static_cost = (1 - x) * trace.energy_j[:, i].mean() + x * trace.energy_j[:, j].mean()
+        assert lp_cost <= static_cost + 1e-9
+        served = baselines.task_mix(trace, plan)
+        assert served.energy_j.mean() <= baselines.static_mix(trace, static).energy_j.mean()
+        assert served.satisfaction.mean() == pytest.approx(alpha, abs=0.02)  # labels of the rows
+    # the upgrades go to the benchmark that gains most per joule
+    plan = baselines.task_mix_plan(trace, 0.70)
+    assert plan["easy"][0] == 0 and plan["hard"][1] >= 1

@@ -1,4 +1,5 @@
-"""Hindsight and naive baselines, vectorised: single models, random, static mix, LP oracle."""
+"""Hindsight and naive baselines, vectorised: single models, random, static mix, per-benchmark
+(task) mix, LP oracle."""
 
 from __future__ import annotations
 
@@ -66,10 +67,94 @@ def static_mix_plan(trace: Trace, alpha: float) -> tuple[int, int, float]:
 
 def static_mix(trace: Trace, plan: tuple[int, int, float]) -> Outcome:
     """Serve model j on an exact share x of the requests, spread evenly (low discrepancy)."""
+    return _from_choice(trace, _spread(len(trace), plan))
+
+
+def _spread(n: int, plan: tuple[int, int, float]) -> np.ndarray:
+    """Model per position 1..n serving j on an exact share x, spread evenly (low discrepancy)."""
     i, j, x = plan
-    t = np.arange(1, len(trace) + 1)
+    t = np.arange(1, n + 1)
     use_j = np.floor(t * x + 1e-9) > np.floor((t - 1) * x + 1e-9)
-    return _from_choice(trace, np.where(use_j, j, i))
+    return np.where(use_j, j, i)
+
+
+TaskPlan = dict[str, tuple[int, int, float]]
+
+
+def task_mix_plan(trace: Trace, alpha: float) -> TaskPlan:
+    """Cheapest hindsight mixture per benchmark meeting alpha over the whole stream.
+
+    For benchmark k (weight w_k: its share of requests) a distribution x_k over models, with
+    sum_k w_k x_k . acc_k >= alpha at least cost sum_k w_k x_k . E_k (acc, E: per-benchmark mean
+    accuracy and joules). One coupling constraint, so the LP optimum is the Lagrangian choice
+    argmin_m E_km - lam acc_km at the optimal multiplier, mixed between the two choices either
+    side of it (found by bisection, as `oracle` does): each benchmark gets (a, b, share of b).
+    Benchmarks that know more per joule get the upgrades first; a static mix cannot do that.
+    If alpha is out of reach, every benchmark gets its most accurate model.
+    """
+    kinds = np.array(trace.kind_of_rows())
+    names = sorted(set(kinds.tolist()))
+    acc = np.array([trace.labels[kinds == k].mean(axis=0) for k in names])
+    energy = np.array([trace.energy_j[kinds == k].mean(axis=0) for k in names])
+    weight = np.array([(kinds == k).mean() for k in names])
+    rows = np.arange(len(names))
+    scale = float(energy.max())
+
+    def choose(lam: float) -> np.ndarray:
+        return np.argmin(energy - lam * acc, axis=1)
+
+    def sat(choice: np.ndarray) -> float:
+        return float(weight @ acc[rows, choice])
+
+    def plan(a: np.ndarray, b: np.ndarray, theta: float) -> TaskPlan:
+        return {k: (int(a[n]), int(b[n]), theta if a[n] != b[n] else 0.0)
+                for n, k in enumerate(names)}
+
+    low_choice = choose(0.0)
+    if sat(low_choice) >= alpha:
+        return plan(low_choice, low_choice, 0.0)
+    # past this multiplier every benchmark takes its most accurate model (cheapest among ties)
+    low, high = 0.0, 2.0 * scale / max(float(np.diff(np.unique(acc)).min(initial=1.0)), 1e-12)
+    top = choose(high)
+    if sat(top) < alpha:
+        return plan(top, top, 0.0)
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if sat(choose(mid)) >= alpha:
+            high = mid
+        else:
+            low = mid
+        if high - low <= 1e-12 * high:
+            break
+    a, b = choose(low), choose(high)
+    sa, sb = sat(a), sat(b)
+    theta = 1.0 if sb == sa else (alpha - sa) / (sb - sa)
+    return plan(a, b, float(theta))
+
+
+def task_mix_expected(trace: Trace, plan: TaskPlan) -> tuple[float, float]:
+    """(mean accuracy, mean joules per request) the plan gives in expectation on `trace`."""
+    kinds = np.array(trace.kind_of_rows())
+    acc_sum = energy_sum = 0.0
+    for k, (i, j, x) in plan.items():
+        sel = kinds == k
+        share = np.zeros(trace.labels.shape[1])
+        share[i] += 1.0 - x
+        share[j] += x
+        acc_sum += float(trace.labels[sel].sum(axis=0) @ share)
+        energy_sum += float(trace.energy_j[sel].sum(axis=0) @ share)
+    return acc_sum / len(trace), energy_sum / len(trace)
+
+
+def task_mix(trace: Trace, plan: TaskPlan) -> Outcome:
+    """Serve each benchmark's plan like `static_mix`: its share spread evenly over that
+    benchmark's requests in stream order."""
+    kinds = np.array(trace.kind_of_rows())
+    choice = np.zeros(len(trace), dtype=int)
+    for k, pair in plan.items():
+        sel = np.flatnonzero(kinds == k)
+        choice[sel] = _spread(sel.size, pair)
+    return _from_choice(trace, choice)
 
 
 def oracle(trace: Trace, alpha: float) -> Outcome:
@@ -110,6 +195,6 @@ def oracle(trace: Trace, alpha: float) -> Outcome:
 
 
 __all__ = [
-    "constrained_probs", "oracle", "random_mix", "single", "static_mix",
-    "static_mix_plan",
+    "TaskPlan", "constrained_probs", "oracle", "random_mix", "single", "static_mix",
+    "static_mix_plan", "task_mix", "task_mix_expected", "task_mix_plan",
 ]
