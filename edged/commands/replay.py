@@ -4,59 +4,110 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import edged
+
+LEGEND = (
+    "  mean sat / min sat: final satisfaction, mean and worst seed; SLA: min sat >= alpha;\n"
+    "  xrandom: random's J / the policy's (higher is cheaper); xoracle, xstatic, xtask: the\n"
+    "  policy's J / oracle's, static_mix's, task_mix's (below 1 is cheaper); model columns: share\n"
+    "  of requests each model ran on (exploration included)"
+)
+
+
+def default_traces() -> Path:
+    """The MESS+ traces in the `shared` folder beside the checkout this package lives in (not
+    the working directory, so the default works from anywhere); `EDGED_SHARED` overrides it."""
+    env = os.environ.get("EDGED_SHARED")
+    shared = Path(env) if env else Path(edged.__file__).resolve().parents[1].parent / "shared"
+    return shared / "data" / "messplus"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "replay", help="replay MESS+ traces: router vs baselines (energy, satisfaction)",
-        description="Replay trace CSVs (MESS+ simulator format) with shuffles per seed.",
+        description="Replay trace CSVs (MESS+ simulator format) with shuffles per seed: one "
+        "result per trace and alpha, or with --mix one interleaved stream of all of them.",
     )
-    p.add_argument("paths", nargs="*", type=Path, default=[Path("../shared/data/messplus")],
-                   help="trace CSV files or directories (default: ../shared/data/messplus)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="SLA for every trace (default: the per-benchmark defaults)")
+    p.add_argument("paths", nargs="*", type=Path, default=None,
+                   help="trace CSV files or directories (default: shared/data/messplus in the "
+                   f"folder beside this checkout, here {default_traces()})")
+    p.add_argument("--mix", action="store_true",
+                   help="interleave every given trace into one stream named `mixed` (shuffled "
+                   "per seed, one alpha for the whole stream; needs --alpha)")
+    p.add_argument("--alpha", default=None, metavar="A[,A2,...]",
+                   help="SLA (mean satisfaction to meet), or a comma list: one result per alpha "
+                   "(default: the per-benchmark defaults; required with --mix)")
     p.add_argument("--seeds", type=int, default=5, help="shuffles per trace (default 5)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first shuffle seed (default 0); a later range is a held-out check")
     p.add_argument("--c", type=float, default=0.1, help="messplus exploration constant")
     p.add_argument("--V", type=float, default=0.001, help="messplus V per joule")
-    p.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write results as JSON (one object, or a list for several results)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
     p.set_defaults(func=run)
 
 
+def parse_alphas(text: str | None) -> list[float] | None:
+    """`0.7` or `0.65,0.7`; raises ValueError naming the bad item."""
+    if text is None:
+        return None
+    alphas = []
+    for item in text.split(","):
+        try:
+            alpha = float(item)
+        except ValueError:
+            raise ValueError(f"--alpha: not a number: {item.strip()!r}") from None
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--alpha: {alpha} is not in [0, 1]")
+        alphas.append(alpha)
+    return alphas
+
+
 def run(args: argparse.Namespace) -> int:
-    from edged.replay import DEFAULT_ALPHA, TraceError, find_traces, load_trace, run_benchmark
+    from edged.replay import DEFAULT_ALPHA, TraceError, find_traces, load_trace, mix_traces
     from edged.replay.runner import edged_factory, paper_factory
 
+    def fail(message: str) -> int:
+        print(f"edged replay: {message}", file=sys.stderr)
+        return 2
+
     if args.seeds < 1:
-        print("edged replay: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        print("edged replay: --alpha must be in [0, 1]", file=sys.stderr)
-        return 2
+        return fail("--seeds must be >= 1")
+    if args.first_seed < 0:
+        return fail("--first-seed must be >= 0")
     try:
-        traces = [load_trace(p) for p in find_traces(args.paths)]
+        alphas = parse_alphas(args.alpha)
+    except ValueError as exc:
+        return fail(str(exc))
+    if args.mix and alphas is None:
+        return fail("--mix needs --alpha (the per-benchmark defaults do not apply to a mixed "
+                    "stream)")
+    paths = args.paths
+    if not paths:
+        paths = [default_traces()]
+        if not paths[0].is_dir():
+            return fail(f"no traces at the default {paths[0]} (the shared folder beside this "
+                        "checkout); pass trace CSVs or directories")
+    try:
+        traces = [load_trace(p) for p in find_traces(paths)]
+        if args.mix:
+            traces = [mix_traces(traces)]
     except TraceError as exc:
-        print(f"edged replay: {exc}", file=sys.stderr)
-        return 2
-    routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory()}
-    results = []
+        return fail(str(exc))
+    jobs = []
     for trace in traces:
-        alpha = args.alpha if args.alpha is not None else DEFAULT_ALPHA.get(trace.benchmark)
-        if alpha is None:
-            print(f"edged replay: no default alpha for {trace.benchmark}; pass --alpha",
-                  file=sys.stderr)
-            return 2
-
-        def progress(line: str) -> None:
-            if sys.stderr.isatty():
-                print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
-
-        results.append(run_benchmark(trace, alpha, args.seeds, routers, progress))
-        if sys.stderr.isatty():
-            print("\r\033[K", end="", file=sys.stderr)
-        print_table(results[-1].summary)
+        if alphas is None and trace.benchmark not in DEFAULT_ALPHA:
+            return fail(f"no default alpha for {trace.benchmark}; pass --alpha")
+        jobs += [(trace, a) for a in (alphas or [DEFAULT_ALPHA[trace.benchmark]])]
+    routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory()}
+    results = replay_all(jobs, routers, args.seeds, args.first_seed)
     if args.json is not None:
         data = [r.summary for r in results]
         args.json.write_text(json.dumps(data[0] if len(data) == 1 else data, indent=1) + "\n")
@@ -64,22 +115,61 @@ def run(args: argparse.Namespace) -> int:
         try:
             from edged.replay.plot import plot
         except ImportError:
-            print("edged replay: --plot needs matplotlib (extra `plot`)", file=sys.stderr)
-            return 2
+            return fail("--plot needs matplotlib (extra `plot`)")
         plot(results, args.plot)
     return 0
 
 
+def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
+               first_seed: int) -> list:
+    """Run and print each (trace, alpha); a status line on stderr when it is a terminal, since
+    one mixed stream with the routers takes minutes."""
+    from edged.replay import run_benchmark
+    from edged.replay.runner import unreachable
+
+    tty = sys.stderr.isatty()
+    results = []
+    for n, (trace, alpha) in enumerate(jobs):
+        why = unreachable(trace, alpha)
+        if why is not None:
+            sys.stdout.flush()  # keep it after the tables already printed
+            print(f"edged replay: warning: {why} (running anyway)", file=sys.stderr)
+        progress: Callable[[str], None] | None = None
+        if tty:
+            def progress(line: str, n: int = n) -> None:
+                print(f"\r\033[K[{n + 1}/{len(jobs)}] {line}", end="", file=sys.stderr,
+                      flush=True)
+        results.append(run_benchmark(trace, alpha, seeds, routers, progress, first_seed))
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        print_table(results[-1].summary)
+    print("\n" + LEGEND)
+    return results
+
+
 def print_table(summary: dict) -> None:
-    """One block per benchmark: a row per policy."""
-    random_e = summary["policies"]["random"]["energy_j_per_request"]
-    print(f"\n{summary['benchmark']}  alpha={summary['alpha']}  requests={summary['requests']}"
-          f"  seeds={summary['seeds']}")
-    print(f"  {'policy':20s} {'J/request':>10s} {'sat':>7s} {'min sat':>7s} {'explore':>7s}"
-          f" {'xrandom':>7s} {'xoracle':>7s}  calls")
-    for name, p in summary["policies"].items():
+    """One block per (stream, alpha): a row per policy."""
+    pol = summary["policies"]
+    random_e = pol["random"]["energy_j_per_request"]
+    alpha = summary["alpha"]
+    first = summary.get("first_seed")
+    seeds = summary["seeds"] if first is None else f"{summary['seeds']} from {first}"
+    reach = "  (unreachable: no model or static mix meets it)" if summary.get("unreachable") else ""
+    print(f"\n{summary['benchmark']}  alpha={alpha}{reach}  requests={summary['requests']}"
+          f"  seeds={seeds}")
+    kinds = summary.get("benchmarks", {})
+    if len(kinds) > 1:
+        print("  " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    models = summary["models"]
+    widths = [max(6, len(m)) for m in models]
+    print(f"  {'policy':20s} {'J/request':>9s} {'mean sat':>8s} {'min sat':>8s} {'SLA':>4s}"
+          f" {'explore':>7s} {'xrandom':>7s} {'xoracle':>7s} {'xstatic':>7s} {'xtask':>7s} "
+          + " ".join(f"{m:>{w}s}" for m, w in zip(models, widths, strict=True)))
+    for name, p in pol.items():
         e = p["energy_j_per_request"]
-        calls = " ".join(f"{c:.2f}" for c in p["call_ratio"])
-        print(f"  {name:20s} {e:10.1f} {p['satisfaction']:7.4f} {p['min_satisfaction']:7.4f}"
-              f" {p['explore_ratio']:7.3f} {random_e / e:7.2f} {summary['oracle_ratio'][name]:7.2f}"
-              f"  {calls}")
+        sla = "met" if p["sla_met"] else "MISS"
+        calls = " ".join(f"{c:{w}.2f}" for c, w in zip(p["call_ratio"], widths, strict=True))
+        print(f"  {name:20s} {e:9.1f} {p['satisfaction']:8.4f} {p['min_satisfaction']:8.4f}"
+              f" {sla:>4s} {p['explore_ratio']:7.3f} {random_e / e:7.2f}"
+              f" {summary['oracle_ratio'][name]:7.2f} {summary['static_mix_ratio'][name]:7.2f}"
+              f" {summary['task_mix_ratio'][name]:7.2f} {calls}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,7 +37,8 @@ def edged_factory(base: RouterConfig = EDGED) -> ConfigFactory:
 
 @dataclass
 class BenchmarkResult:
-    """Summary (the JSON object) plus mean running curves per policy for the plot."""
+    """Summary (the JSON object) plus mean running curves per policy for the plot (running
+    means over the requests so far: satisfaction, joules per request)."""
 
     summary: dict[str, Any]
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -71,6 +73,7 @@ def run_benchmark(
     n = len(trace)
     outcomes: dict[str, list[Outcome]] = {}
     plan = baselines.static_mix_plan(trace, alpha)
+    task_plan = baselines.task_mix_plan(trace, alpha)
     constrained = baselines.constrained_probs(trace, alpha)
     uniform = np.full(len(trace.models), 1.0 / len(trace.models))
     for seed in range(first_seed, first_seed + seeds):
@@ -85,12 +88,46 @@ def run_benchmark(
         for m, model in enumerate(trace.models):
             runs[model] = partial(baselines.single, shuffled, m)
         runs["static_mix"] = partial(baselines.static_mix, shuffled, plan)
+        runs["task_mix"] = partial(baselines.task_mix, shuffled, task_plan)
         runs["oracle"] = partial(baselines.oracle, shuffled, alpha)
         for name, run in runs.items():
             if progress is not None:
-                progress(f"{trace.benchmark}: seed {seed - first_seed + 1}/{seeds} {name}")
+                progress(f"{trace.benchmark} alpha {alpha}: seed {seed - first_seed + 1}/{seeds}"
+                         f" {name}")
             outcomes.setdefault(name, []).append(run())
-    return BenchmarkResult(_summary(trace, alpha, seeds, outcomes), _curves(outcomes))
+    summary = _summary(trace, alpha, seeds, outcomes)
+    summary["first_seed"] = first_seed
+    summary["unreachable"] = unreachable(trace, alpha)
+    summary["task_mix_plan"] = {
+        k: {"models": [trace.models[i], trace.models[j]], "share_second": x}
+        for k, (i, j, x) in task_plan.items()
+    }
+    return BenchmarkResult(summary, _curves(outcomes))
+
+
+def sla_met(policy: Mapping[str, Any], alpha: float) -> bool:
+    """Met on every seed: the worst seed's final satisfaction reaches alpha (float slack)."""
+    return bool(policy["min_satisfaction"] >= alpha - 1e-9)
+
+
+def unreachable(trace: Trace, alpha: float) -> str | None:
+    """Why alpha cannot be met on this stream in hindsight, or None if some model or static
+    mix reaches it (then only the online policies can fall short)."""
+    acc = trace.labels.mean(axis=0)
+    best = int(np.argmax(acc))
+    if alpha <= acc[best] + 1e-12:
+        return None
+    kinds = np.array(trace.kind_of_rows())
+    per_kind = sum(
+        (kinds == k).mean() * trace.labels[kinds == k].mean(axis=0).max() for k in set(kinds)
+    )
+    why = (f"alpha {alpha} is unreachable on {trace.benchmark}: the most accurate model "
+           f"({trace.models[best]}) has hindsight accuracy {acc[best]:.4f}, so every model and "
+           "static mix misses it")
+    if len(set(kinds)) > 1:
+        why += (f"; the best model per benchmark reaches only {per_kind:.4f}" if per_kind < alpha
+                else f"; only a per-benchmark choice (task_mix, up to {per_kind:.4f}) meets it")
+    return why
 
 
 def _summary(
@@ -109,12 +146,19 @@ def _summary(
         }
         if runs[0].predictions is not None:
             cal[name] = calibration(np.concatenate([o.predictions for o in runs]))
-    oracle_e = policies["oracle"]["energy_j_per_request"]
+        policies[name]["sla_met"] = sla_met(policies[name], alpha)
+
+    def ratio(base: str) -> dict[str, float]:
+        """Policy energy over the baseline's (1.0: the same; below: cheaper)."""
+        e = policies[base]["energy_j_per_request"]
+        return {k: v["energy_j_per_request"] / e for k, v in policies.items()}
+
     return {
         "benchmark": trace.benchmark, "alpha": alpha, "requests": len(trace),
         "policies": policies, "seeds": seeds, "models": list(trace.models),
-        "oracle_ratio": {k: v["energy_j_per_request"] / oracle_e for k, v in policies.items()},
-        "calibration": cal,
+        "oracle_ratio": ratio("oracle"), "static_mix_ratio": ratio("static_mix"),
+        "task_mix_ratio": ratio("task_mix"), "calibration": cal,
+        "benchmarks": dict(sorted(Counter(trace.kind_of_rows()).items())),
     }
 
 
@@ -124,6 +168,6 @@ def _curves(outcomes: dict[str, list[Outcome]]) -> dict[str, dict[str, np.ndarra
         t = np.arange(1, runs[0].satisfaction.size + 1)
         curves[name] = {
             "satisfaction": np.mean([np.cumsum(o.satisfaction) / t for o in runs], axis=0),
-            "energy_j": np.mean([np.cumsum(o.energy_j) for o in runs], axis=0),
+            "energy_j": np.mean([np.cumsum(o.energy_j) / t for o in runs], axis=0),
         }
     return curves
