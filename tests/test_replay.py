@@ -88,17 +88,22 @@ def test_run_benchmark_synthetic_shape() -> None:
     assert 0.0 <= s["calibration"]["edged"]["brier"] <= 1.0
 
 
-def test_cli_replay_writes_json(tmp_path: Path) -> None:
-    trace = synthetic(200)
-    csv = tmp_path / "synthetic.csv"
+def write_csv(trace: Trace, path: Path, name: str | None = None) -> Path:
+    """`trace` as a MESS+ CSV (benchmark_name `name`, default the trace's)."""
     rows = [HEADER]
     for k in range(len(trace)):
-        cols = [str(k), trace.texts[k], "synthetic"]
+        cols = [str(k), trace.texts[k], name or trace.benchmark]
         for m in range(3):
             lab = trace.labels[k, m]
             cols += [str(lab), str(lab), str(trace.energy_j[k, m]), str(trace.latency_s[k, m])]
         rows.append(",".join(cols))
-    csv.write_text("\n".join(rows) + "\n")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_cli_replay_writes_json(tmp_path: Path) -> None:
+    trace = synthetic(200)
+    csv = write_csv(trace, tmp_path / "synthetic.csv")
     out = tmp_path / "r.json"
     assert main(["replay", str(csv), "--alpha", "0.7", "--seeds", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -190,3 +195,63 @@ def test_task_mix_is_the_lp_optimum_on_two_benchmarks() -> None:
     # the upgrades go to the benchmark that gains most per joule
     plan = baselines.task_mix_plan(trace, 0.70)
     assert plan["easy"][0] == 0 and plan["hard"][1] >= 1
+
+
+def test_cli_mix_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two benchmark CSVs interleaved into one `mixed` stream; an alpha list gives a list."""
+    mixed = two_benchmarks()
+    kinds = np.array(mixed.kinds)
+    paths = [write_csv(mixed.subset(np.flatnonzero(kinds == k)), tmp_path / f"{k}.csv", k)
+             for k in ("easy", "hard")]
+    out = tmp_path / "mix.json"
+    args = ["replay", "--mix", *map(str, paths), "--seeds", "1", "--json", str(out)]
+    assert main([*args, "--alpha", "0.7"]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "mixed" and data["requests"] == 500 and data["alpha"] == 0.7
+    assert data["benchmarks"] == {"easy": 300, "hard": 200}
+    pol = data["policies"]
+    assert {"edged", "messplus", "static_mix", "task_mix", "oracle"} <= set(pol)
+    assert pol["task_mix"]["energy_j_per_request"] < pol["static_mix"]["energy_j_per_request"]
+    assert set(data["task_mix_plan"]) == {"easy", "hard"}
+    assert data["task_mix_ratio"]["task_mix"] == 1.0
+    table = capsys.readouterr().out
+    assert "xstatic" in table and "xtask" in table and " SLA " in table
+    header = next(line for line in table.splitlines() if line.strip().startswith("policy"))
+    assert header.split()[-3:] == ["a", "b", "c"]  # the calls columns, headed by model
+    assert "min sat" in header and "mean sat" in header
+    assert main([*args, "--alpha", "0.65,0.75", "--first-seed", "3"]) == 0
+    data = json.loads(out.read_text())
+    assert isinstance(data, list) and [d["alpha"] for d in data] == [0.65, 0.75]
+    assert all(d["benchmark"] == "mixed" and d["first_seed"] == 3 for d in data)
+    assert main(["replay", "--mix", str(paths[0])]) == 2  # no default alpha for a mix
+    assert "needs --alpha" in capsys.readouterr().err
+    assert main(["replay", str(paths[0]), "--alpha", "0.7,x"]) == 2
+    assert "'x'" in capsys.readouterr().err
+
+
+def test_cli_warns_unreachable_alpha(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = write_csv(synthetic(150), tmp_path / "synthetic.csv")
+    assert main(["replay", str(csv), "--alpha", "1", "--seeds", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: alpha 1.0 is unreachable on synthetic" in captured.err
+    assert "most accurate model (c)" in captured.err
+    assert "MISS" in captured.out and "unreachable" in captured.out
+    assert main(["replay", str(csv), "--alpha", "0.6", "--seeds", "1"]) == 0
+    assert "unreachable" not in capsys.readouterr().err
+
+
+def test_cli_default_traces_beside_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default does not depend on the working directory; absent, it says to pass paths."""
+    from edged.commands.replay import default_traces
+
+    monkeypatch.delenv("EDGED_SHARED", raising=False)
+    import edged
+
+    checkout = Path(edged.__file__).resolve().parent.parent
+    assert default_traces() == checkout.parent / "shared" / "data" / "messplus"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGED_SHARED", str(tmp_path / "nowhere"))
+    assert main(["replay", "--alpha", "0.7"]) == 2
+    assert "pass trace CSVs or directories" in capsys.readouterr().err
