@@ -255,3 +255,15 @@ def test_cli_default_traces_beside_the_checkout(
     monkeypatch.setenv("EDGED_SHARED", str(tmp_path / "nowhere"))
     assert main(["replay", "--alpha", "0.7"]) == 2
     assert "pass trace CSVs or directories" in capsys.readouterr().err
+
+
+def test_task_mix_equals_static_mix_on_each_real_benchmark(messplus_dir: Path) -> None:
+    """Baselines only (no router), so fast: same plan, same served joules on every trace."""
+    for path in sorted(messplus_dir.glob("*.csv")):
+        trace = load_trace(path)
+        for alpha in (0.4, 0.6, 0.8, 0.96):
+            plan = baselines.static_mix_plan(trace, alpha)
+            task = baselines.task_mix_plan(trace, alpha)
+            assert task == {trace.benchmark: plan}, (path.name, alpha)
+            assert (baselines.task_mix(trace, task).energy_j
+                    == baselines.static_mix(trace, plan).energy_j).all()
