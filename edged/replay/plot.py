@@ -49,7 +49,7 @@ def plot(results: Sequence[BenchmarkResult], path: str | Path) -> None:
     rows = len(results)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 3.1 * rows + 0.7), squeeze=False)
     handles: dict[str, Any] = {}
-    for row, result in zip(axes, results, strict=True):
+    for r, (row, result) in enumerate(zip(axes, results, strict=True)):
         s = result.summary
         alpha = s["alpha"]
         shown = [name for name in SHOWN if name in result.curves]
@@ -80,7 +80,7 @@ def plot(results: Sequence[BenchmarkResult], path: str | Path) -> None:
         for ax in row:
             ax.set_xlim(1, s["requests"])
             ax.grid(alpha=0.3, lw=0.5)
-        for ax in row if row is axes[-1] else ():
+        for ax in row if r == rows - 1 else ():
             ax.set_xlabel("requests served")
     legend_in = 0.4
     fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles),
