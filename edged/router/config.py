@@ -36,6 +36,13 @@ class RouterConfig:
         or a dearer one only while every model below it is confidently short of the target
         (running rate + ladder_ucb * UCB width < target). Without it a few labels of deficit
         plus the optimism bonus of a rarely labelled 70B made it look worth 5x the joules.
+    ladder_per_request: judge "confidently short" on the model's predicted satisfaction for
+        this request rather than its running rate, so a request the cheaper model is predicted
+        to fail can escalate while the stream's other requests stay on it.
+    monotone: the zoo is ordered by capability: a dearer model is predicted at least as likely
+        to satisfy a request as any cheaper one (a running max over the per-request
+        predictions). A dear model runs on few, mostly hard requests, so its own head sees a
+        biased sample; the cheaper models' well-fed heads carry over what kind of request it is.
     prior_floor: the chained prior is only a floor (model m's rate is the larger of its own
         Beta(1, 1) estimate and model m-1's rate + prior_step), not a pull towards the cheaper
         model that keeps the next model's early rate just below the target.
@@ -52,6 +59,8 @@ class RouterConfig:
         `prior_step`, worth `prior_strength` labels; prior_step 0 gives every model an
         uninformed Beta(1, 1) (the paper's setting).
     shared_head: a weight vector shared by all models (difficulty is shared) plus one per model.
+    energy_head, energy_learning_rate: predict each request's joules per model (the running
+        mean times a learned per-request factor, see `EnergyHead`) instead of the mean alone.
     energy_budget_j: optional mean joules per request, enforced by a second virtual queue.
     latency_sigma: a deadline skips models whose mean + sigma * std latency exceeds it.
     """
@@ -71,6 +80,8 @@ class RouterConfig:
     optimism_upward: bool = True
     ladder: bool = True
     ladder_ucb: float = 0.2
+    ladder_per_request: bool = True
+    monotone: bool = True
     prior_floor: bool = True
     lp_current_rates: bool = True
     signed_queue: bool = True
@@ -82,6 +93,8 @@ class RouterConfig:
     prior_step: float = 0.03
     dim_bits: int = 16
     learning_rate: float = 0.02
+    energy_head: bool = True
+    energy_learning_rate: float = 0.05
     energy_budget_j: float | None = None
     latency_sigma: float = 1.0
 
@@ -124,6 +137,8 @@ class RouterConfig:
             raise bad("lp_window", "must be >= 16")
         if not self.learning_rate > 0.0:
             raise bad("learning_rate", "must be > 0")
+        if not self.energy_learning_rate > 0.0:
+            raise bad("energy_learning_rate", "must be > 0")
         if self.energy_budget_j is not None and not self.energy_budget_j > 0.0:
             raise bad("energy_budget_j", "must be > 0 or None")
         if self.ladder_ucb < 0.0:
@@ -141,7 +156,7 @@ class RouterConfig:
             margin=0.0, margin_scaled=False, optimism=0.0, optimism_upward=False,
             signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False, prior_strength=2.0, prior_step=0.0, ladder=False,
-            prior_floor=False, lp_current_rates=False,
+            ladder_per_request=False, monotone=False, prior_floor=False, lp_current_rates=False, energy_head=False,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -36,3 +36,45 @@ class RunningStats:
         self.count = arrays[f"{prefix}_count"].copy()
         self.mean = arrays[f"{prefix}_mean"].copy()
         self.m2 = arrays[f"{prefix}_m2"].copy()
+
+
+class EnergyHead:
+    """Per-request joules: `E_m(x) = mean_m * exp(g_m . x)`, online least squares on the log
+    ratio (AdaGrad), on the same hashed features as the satisfaction head.
+
+    Joules depend on the request (prompt length, how long the answer runs, which kind of task):
+    on the MESS+ traces a yes/no question costs a third of a science question on the same
+    model, which changes which upgrade is worth its joules. The log ratio to the running mean
+    keeps the head a correction that starts at zero and cannot go negative or explode
+    (clipped to a factor of e^3 either way).
+    """
+
+    CLIP = 3.0
+
+    def __init__(self, n_models: int, dim_bits: int, learning_rate: float = 0.05) -> None:
+        self.learning_rate = learning_rate
+        self.weights = np.zeros((n_models, 1 << dim_bits))
+        self.grad_sq = np.full((n_models, 1 << dim_bits), 1e-8)
+
+    def factors(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
+        """Multiplier of each model's mean joules for the request with features (idx, val)."""
+        return np.exp(np.clip(self.weights[:, idx] @ val, -self.CLIP, self.CLIP))
+
+    def update(self, idx: np.ndarray, val: np.ndarray, model: int, ratio: float) -> None:
+        """Learn that this request cost `ratio` times the model's mean joules."""
+        target = float(np.clip(np.log(max(ratio, 1e-9)), -self.CLIP, self.CLIP))
+        err = float(self.weights[model, idx] @ val) - target
+        g_vec = err * val
+        acc = self.grad_sq[model, idx] + g_vec * g_vec
+        self.grad_sq[model, idx] = acc
+        self.weights[model, idx] -= self.learning_rate * g_vec / np.sqrt(acc)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"energy_head_weights": self.weights, "energy_head_grad_sq": self.grad_sq}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in self.arrays().items():
+            if arrays[name].shape != value.shape or arrays[name].dtype != value.dtype:
+                raise ValueError(f"{name}: shape {arrays[name].shape}, expected {value.shape}")
+        self.weights = arrays["energy_head_weights"].copy()
+        self.grad_sq = arrays["energy_head_grad_sq"].copy()

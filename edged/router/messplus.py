@@ -75,8 +75,9 @@ def choose(cost: np.ndarray, allowed: Sequence[bool] | np.ndarray | None = None)
 
 
 def lagrangian_choice(energy: np.ndarray, satisfaction: np.ndarray, lam: float) -> np.ndarray:
-    """Per-request argmin of `E_m - lam * s_im` (rows: requests); ties to the cheaper model."""
-    return np.argmin(energy[None, :] - lam * satisfaction, axis=1)
+    """Per-request argmin of `E_im - lam * s_im` (rows: requests; `energy` may be one row for
+    all requests); ties to the cheaper model."""
+    return np.argmin(np.atleast_2d(energy) - lam * satisfaction, axis=1)
 
 
 def multiplier_for_target(

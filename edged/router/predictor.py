@@ -8,6 +8,7 @@ energies, so calibration matters more than accuracy.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 _WORD = re.compile(r"\w+")
+_NUMBER = re.compile(r"\d+")
+_DIGIT = re.compile(r"\d")
+_SENTENCE = re.compile(r"[.!?](?:\s|$)")
 _M64 = np.uint64(0x9E3779B97F4A7C15)
 _P1 = np.uint64(0x100000001B3)
 _SALT_CHAR = np.uint64(0x243F6A8885A308D3)
@@ -35,32 +39,80 @@ def _mix(h: np.ndarray, salt: np.uint64, shift: np.uint64) -> np.ndarray:
     return ((h ^ salt) * _M64) >> shift
 
 
+def shape_tokens(text: str) -> list[str]:
+    """Words for what n-grams miss: how many numbers and how long each is, the text's length
+    in words and characters, its first and last word, its closing character. Difficulty often
+    lives there (a 4-digit sum, a yes/no question, a multi-sentence passage)."""
+    words = _WORD.findall(text.lower())
+    numbers = _NUMBER.findall(text)
+    tokens = [
+        f"\x00nums:{min(len(numbers), 8)}",
+        f"\x00words:{int(math.log2(len(words) + 1))}",
+        f"\x00chars:{int(math.log2(len(text) + 1))}",
+        f"\x00end:{text.rstrip()[-1:]}",
+        f"\x00sentences:{min(len(_SENTENCE.findall(text)), 6)}",
+    ]
+    if words:  # digits folded to 9, so "12+34=" and "56+78=" share the shape "99"
+        first, last = (_DIGIT.sub("9", w) for w in (words[0], words[-1]))
+        tokens += [f"\x00first:{first}", f"\x00last:{last}"]
+    lengths = sorted({min(len(n), 12) for n in numbers})
+    tokens += [f"\x00digits:{n}" for n in lengths]
+    if lengths:
+        tokens.append(f"\x00maxdigits:{lengths[-1]}")
+    return tokens
+
+
 def featurize(text: str, dim_bits: int) -> Features:
-    """Hash char 3-grams, words, word bigrams and a length bucket of `text` into 2**dim_bits."""
+    """Hash char 3-grams, words, word bigrams and shape tokens of `text` into 2**dim_bits.
+
+    Each family is L2-normalised on its own and weighted (n-grams 1, shape 1), so a long text's
+    hundreds of n-grams cannot drown the handful of shape tokens.
+    """
     shift = np.uint64(64 - dim_bits)
     low = text.lower()
     data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
-    parts: list[np.ndarray] = []
+    grams: list[np.ndarray] = []
     with np.errstate(over="ignore"):
         if data.size >= 3:
-            grams = (data[:-2] * _P1 + data[1:-1]) * _P1 + data[2:]
-            parts.append(_mix(grams, _SALT_CHAR, shift))
+            tri = (data[:-2] * _P1 + data[1:-1]) * _P1 + data[2:]
+            grams.append(_mix(tri, _SALT_CHAR, shift))
         words = _WORD.findall(low)
         if words:
             wh = np.fromiter((zlib.crc32(w.encode()) for w in words), np.uint64, len(words))
-            parts.append(_mix(wh, _SALT_WORD, shift))
+            grams.append(_mix(wh, _SALT_WORD, shift))
             if len(words) > 1:
-                parts.append(_mix(wh[:-1] * _P1 + wh[1:], _SALT_BIGRAM, shift))
-        bucket = np.uint64(int(np.log2(len(text) + 1)))
-        parts.append(_mix(np.array([bucket], np.uint64), _SALT_LEN, shift))
-    idx, counts = np.unique(np.concatenate(parts).astype(np.int64), return_counts=True)
-    val = counts.astype(np.float64)
-    val /= np.sqrt(val @ val)
-    return Features(idx, val)
+                grams.append(_mix(wh[:-1] * _P1 + wh[1:], _SALT_BIGRAM, shift))
+        shapes = shape_tokens(text)
+        sh = np.fromiter((zlib.crc32(w.encode()) for w in shapes), np.uint64, len(shapes))
+        shape_idx = _mix(sh, _SALT_LEN, shift)
+    families = [np.concatenate(grams)] if grams else []
+    families.append(shape_idx)
+    idx_parts, val_parts = [], []
+    for family in families:
+        idx, counts = np.unique(family.astype(np.int64), return_counts=True)
+        val = counts.astype(np.float64)
+        idx_parts.append(idx)
+        val_parts.append(val / np.sqrt(val @ val))
+    idx = np.concatenate(idx_parts)
+    val = np.concatenate(val_parts)
+    order = np.argsort(idx, kind="stable")
+    idx, val = idx[order], val[order]
+    uniq, start = np.unique(idx, return_index=True)  # a shape token may collide with a gram
+    val = np.add.reduceat(val, start)
+    return Features(uniq, val / np.sqrt(val @ val))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+#: The experts mixed per model (rows of `Predictor.loss`).
+EXPERTS = ("rate", "head", "chain")
+
+
+def _log_loss(p: float, label: float) -> float:
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return -(label * math.log(p) + (1.0 - label) * math.log(1.0 - p))
 
 
 class Predictor:
@@ -71,11 +123,13 @@ class Predictor:
     falls back to the unbiased running mean instead of noise. The rates are chained: model m's
     prior is model m-1's rate plus `prior_step`, worth `prior_strength` labels, so a dearer model
     seen a few times is not written off on bad luck (that would starve it for good).
-    With calibration the head's weight a_m is learned (see `predict`).
+    With calibration the head is one of two experts (see `predict`).
     All parameters are plain float64 arrays, so the state file round-trips them bit-exactly.
     """
 
-    _CAL_LR = 0.05
+    #: Per-label decay of the experts' log-loss: about the last 500 labels count, so
+    #: the mixture can move back to the rate if the stream changes and the head goes stale.
+    EVIDENCE_DECAY = 0.998
 
     def __init__(
         self,
@@ -101,7 +155,9 @@ class Predictor:
         dim = 1 << dim_bits
         self.weights = np.zeros((rows, dim))  # row 0: shared, row 1 + m: model m
         self.grad_sq = np.full((rows, dim), 1e-8)
-        self.calib = np.zeros(n_models)  # a_m: weight of the text head
+        self.loss = np.zeros((len(EXPERTS), n_models))  # decayed prequential log-loss
+        self.pair_n = np.zeros(n_models)  # requests where model m and m - 1 were both labelled
+        self.pair_gain = np.zeros(n_models)  # sum of label_m - label_{m-1} over those
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
         self._refresh_rates()
@@ -134,24 +190,68 @@ class Predictor:
         own = w[1:]
         return own + w[0] if self.shared else own
 
-    def predict(self, features: Features) -> np.ndarray:
-        """Satisfaction probability per model: `sigmoid(logit(r_m) + a_m * residual_m)`.
+    def expert_weights(self) -> np.ndarray:
+        """Posterior weight of each expert (rows: EXPERTS) per model, from its decayed
+        prequential log-loss: `softmax(-loss)` over the experts."""
+        z = -(self.loss - self.loss.min(axis=0))
+        w = np.exp(z)
+        return w / w.sum(axis=0)
 
-        Without calibration a_m = 1; with it, a_m in [0, 1] is learned online from prequential
-        predictions, starting at 0: the text head only counts once it has proved predictive, so
-        noise in it cannot bias decisions (a noisy spread inflates the typical prediction).
+    def gains(self) -> np.ndarray:
+        """Each model's satisfaction gain over the next cheaper one, from the requests where
+        both were labelled (paired, so not biased by which requests each model is sent), with
+        `prior_step` as a prior worth `prior_strength` pairs; 0 for the cheapest model."""
+        gains = (self.pair_gain + self.prior_strength * self.prior_step) / (
+            self.pair_n + self.prior_strength
+        )
+        gains[0] = 0.0
+        return gains
+
+    def experts(self, features: Features) -> np.ndarray:
+        """Each expert's prediction per model (rows: EXPERTS) and the mixture (last row).
+
+        rate: the model's running rate. head: `sigmoid(logit(r_m) + residual_m)`. chain: the
+        next cheaper model's mixture for this request plus the paired gain; a dear model runs
+        on few, mostly hard requests, so its own rate and head see a biased sample while the
+        cheaper model's well-fed head knows what kind of request this is.
         """
-        resid = self.residuals(features)
-        return _sigmoid(self._base + (self.calib * resid if self.calibration else resid))
+        out = np.empty((len(EXPERTS) + 1, self.n_models))
+        out[0] = self.rates
+        out[1] = _sigmoid(self._base + self.residuals(features))
+        w = self.expert_weights()
+        gains = self.gains()
+        for m in range(self.n_models):
+            out[2, m] = self.rates[m] if m == 0 else min(max(out[3, m - 1] + gains[m], 1e-3),
+                                                          1.0 - 1e-3)
+            out[3, m] = w[:, m] @ out[:3, m]
+        return out
+
+    def predict(self, features: Features) -> np.ndarray:
+        """Satisfaction probability per model.
+
+        Without calibration: `sigmoid(logit(r_m) + residual_m)`. With it, a Bayesian mixture of
+        three experts (see `experts`) weighted by how well each predicted this model's past
+        labels before seeing them (prequential log-loss): a head with real signal takes over
+        within a few dozen labels, one that only fits noise stays out, and a mixture of
+        calibrated forecasts stays calibrated.
+        """
+        if not self.calibration:
+            return _sigmoid(self._base + self.residuals(features))
+        return self.experts(features)[-1]
+
+    def observe_pair(self, model: int, label: float, cheaper_label: float) -> None:
+        """Labels of `model` and of the next cheaper model on the same request."""
+        self.pair_n[model] += 1.0
+        self.pair_gain[model] += label - cheaper_label
 
     def update(self, features: Features, model: int, label: float) -> None:
         """One prequential step for `model` with `label` in [0, 1]."""
         resid = float(self.residuals(features)[model])
         base = float(self._base[model])
         if self.calibration:
-            a = float(self.calib[model])
-            g = float(_sigmoid(np.array(base + a * resid))) - label
-            self.calib[model] = min(1.0, max(0.0, a - self._CAL_LR * g * resid))
+            preds = self.experts(features)[: len(EXPERTS), model]
+            losses = np.array([_log_loss(float(p), label) for p in preds])
+            self.loss[:, model] = self.EVIDENCE_DECAY * self.loss[:, model] + losses
         grad = float(_sigmoid(np.array(base + resid))) - label
         lr = self.learning_rate
         g_vec = grad * features.val
@@ -168,8 +268,9 @@ class Predictor:
     def arrays(self) -> dict[str, np.ndarray]:
         """Parameters for the state file."""
         return {
-            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq, "pred_calib": self.calib,
-            "pred_labels": self.labels, "pred_hits": self.hits,
+            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq,
+            "pred_loss": self.loss, "pred_labels": self.labels, "pred_hits": self.hits,
+            "pred_pair_n": self.pair_n, "pred_pair_gain": self.pair_gain,
         }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -182,7 +283,9 @@ class Predictor:
                 )
         self.weights = arrays["pred_weights"].copy()
         self.grad_sq = arrays["pred_grad_sq"].copy()
-        self.calib = arrays["pred_calib"].copy()
+        self.loss = arrays["pred_loss"].copy()
+        self.pair_n = arrays["pred_pair_n"].copy()
+        self.pair_gain = arrays["pred_pair_gain"].copy()
         self.labels = arrays["pred_labels"].copy()
         self.hits = arrays["pred_hits"].copy()
         self._refresh_rates()

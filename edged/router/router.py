@@ -18,7 +18,7 @@ import numpy as np
 
 from edged.router import messplus
 from edged.router.config import RouterConfig
-from edged.router.estimates import RunningStats
+from edged.router.estimates import EnergyHead, RunningStats
 from edged.router.predictor import Features, Predictor
 from edged.router.state import StateError, read_state, set_aside, write_state
 
@@ -78,6 +78,7 @@ class Router:
             prior_floor=cfg.prior_floor,
         )
         self.energy = RunningStats(len(names))
+        self.energy_head = EnergyHead(len(names), cfg.dim_bits, cfg.energy_learning_rate)
         self.latency = RunningStats(len(names))
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
         self.t = 0
@@ -91,14 +92,18 @@ class Router:
         self.served_satisfaction = 0.0
         self.lam = 0.0  # LP prior multiplier (per normalised joule)
         self.recent = np.zeros((self.config.lp_window, len(names)))
+        self.recent_energy = np.zeros((self.config.lp_window, len(names)))
         self.lam_t = 0
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def _energy_estimate(self) -> np.ndarray:
-        """Running means; models never measured get a placeholder rising with their rank."""
+    def _energy_estimate(self, features: Features | None = None) -> np.ndarray:
+        """Running means, times the energy head's per-request factor when `features` are given
+        (and `energy_head` is on); models never measured get a placeholder rising with rank."""
         est = self.energy.mean.copy()
         unknown = self.energy.count == 0
+        if features is not None and self.config.energy_head:
+            est *= self.energy_head.factors(features.idx, features.val)
         if unknown.any():
             scale = est[~unknown].max() if (~unknown).any() else 1.0
             ranks = np.arange(1, len(self.names) + 1) / len(self.names)
@@ -116,7 +121,9 @@ class Router:
         t = self.t
         features = self.predictor.featurize(text)
         sat = self.predictor.predict(features)
-        energy_j = self._energy_estimate()
+        if cfg.monotone:
+            sat = np.maximum.accumulate(sat)
+        energy_j = self._energy_estimate(features)
         latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
         allowed = None
         if deadline_ms is not None:
@@ -127,19 +134,21 @@ class Router:
             if cfg.margin_scaled:
                 margin *= 2.0 * math.sqrt(cfg.alpha * (1.0 - cfg.alpha))
             target = min(1.0, cfg.alpha + margin)
-        if cfg.V == "auto":
+        if cfg.V == "auto":  # one scale for every request, so per-request joules compare
             v = cfg.v_auto * t**cfg.v_growth
-            energy = energy_j / energy_j.max() if energy_j.max() > 0 else energy_j
+            scale = self._energy_estimate().max()
+            energy = energy_j / scale if scale > 0 else energy_j
         else:
             v = float(cfg.V)
             energy = energy_j
+        self.recent_energy[t % len(self.recent)] = energy
         if cfg.lp_current_rates:  # the text head's part only; rates are added when solving
             self.recent[t % len(self.recent)] = np.log(sat / (1.0 - sat)) - self.predictor._base
         else:
             self.recent[t % len(self.recent)] = sat
         limit = len(self.names)  # the choice takes one of the first `limit` (exploration: any)
         if cfg.ladder and target is not None:
-            limit = self._ladder_cap(target, t) + 1
+            limit = self._ladder_cap(sat, target, t) + 1
             if allowed is not None and not allowed[:limit].any():
                 limit = len(self.names)
         pick = None if allowed is None else allowed[:limit]
@@ -183,10 +192,12 @@ class Router:
             features=features,
         )
 
-    def _ladder_cap(self, target: float, t: int) -> int:
+    def _ladder_cap(self, sat: np.ndarray, target: float, t: int) -> int:
         """The dearest model the deficit may escalate to: the second cheapest, or past a model
-        only while its running rate's upper bound is below the target (scalar math: hot path)."""
-        rates, labels = self.predictor.rates, self.predictor.labels
+        only while its predicted satisfaction for this request, plus a UCB width, is below the
+        target (scalar math: hot path)."""
+        rates, labels = (sat, self.predictor.labels) if self.config.ladder_per_request else (
+            self.predictor.rates, self.predictor.labels)
         width = self.config.ladder_ucb * math.sqrt(math.log1p(t))
         cap = min(1, len(rates) - 1)
         while cap < len(rates) - 1:
@@ -232,6 +243,9 @@ class Router:
             (self._model(n), self._number("latency_s", n, v)) for n, v in (latency_s or {}).items()
         ]
         for m, joules in checked:
+            if self.energy.count[m] and self.energy.mean[m] > 0:
+                ratio = joules / self.energy.mean[m]
+                self.energy_head.update(decision.features.idx, decision.features.val, m, ratio)
             self.energy.add(m, joules)
         for m, seconds in timed:
             self.latency.add(m, seconds)
@@ -256,17 +270,18 @@ class Router:
         if not cfg.lp_prior or cfg.alpha is None or self.t - self.lam_t < self._LP_EVERY:
             return
         self.lam_t = self.t
-        energy_j = self._energy_estimate()
-        energy = energy_j / energy_j.max() if cfg.V == "auto" else energy_j
         target = cfg.alpha  # the margin goes into the deficit only
-        recent = self.recent[: min(self.t, len(self.recent))]  # plain predictions, no bonus
+        n = min(self.t, len(self.recent))
+        recent = self.recent[:n]  # plain predictions, no bonus
+        energy = self.recent_energy[:n]
         if cfg.lp_current_rates:
             recent = 1.0 / (1.0 + np.exp(-(recent + self.predictor._base)))
         lam = messplus.multiplier_for_target(energy, recent, target)
         # Never let the prior alone go past the first upgrade from the cheapest model: when the
         # estimates say only a dear model meets alpha, the deficit has to show it first (an
         # early unlucky estimate would otherwise switch the whole stream to the dearest model).
-        self.lam = min(lam, messplus.first_upgrade_slope(energy, recent.mean(axis=0)))
+        slope = messplus.first_upgrade_slope(energy.mean(axis=0), recent.mean(axis=0))
+        self.lam = min(lam, slope)
 
     def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
@@ -281,6 +296,10 @@ class Router:
             checked.append((self._model(name), label))
         for m, label in checked:
             self.predictor.update(decision.features, m, label)
+        given = dict(checked)
+        for m, label in checked:
+            if m > 0 and m - 1 in given:
+                self.predictor.observe_pair(m, label, given[m - 1])
         served = self._index[decision.model]
         for m, label in checked:
             if m == served:
@@ -329,7 +348,8 @@ class Router:
         arrays = {
             **self.predictor.arrays(), **self.energy.arrays("energy"),
             **self.latency.arrays("latency"), "calls": self.calls, "served": self.served,
-            "recent": self.recent,
+            "recent": self.recent, "recent_energy": self.recent_energy,
+            **self.energy_head.arrays(),
         }
         write_state(Path(path), self._meta(), arrays)
 
@@ -357,7 +377,11 @@ class Router:
                     raise ValueError(f"{name} has shape {arrays[name].shape}")
             if arrays["recent"].shape != router.recent.shape:
                 raise ValueError(f"recent has shape {arrays['recent'].shape}")
+            if arrays["recent_energy"].shape != router.recent.shape:
+                raise ValueError(f"recent_energy has shape {arrays['recent_energy'].shape}")
+            router.energy_head.load_arrays(arrays)
             router.recent = arrays["recent"].copy()
+            router.recent_energy = arrays["recent_energy"].copy()
             router.calls = arrays["calls"].copy()
             router.served = arrays["served"].copy()
             router.t = int(meta["t"])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "edged-router-state"
-VERSION = 2  # 2: `recent` holds text-head deviations (lp_current_rates), not probabilities
+VERSION = 3  # 3: energy head, per-request energies in the LP window, predictor evidence
 
 
 class StateError(RuntimeError):
