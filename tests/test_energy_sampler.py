@@ -281,6 +281,8 @@ def test_window_misuse_is_typed():
 def test_record_to_dict_is_plain_and_complete():
     rec = EnergyRecord(1.5, 0.5, {"VDD_IN": 1.5}, 0.2, "ina3221", False, 5)
     assert rec.to_dict() == {
+        "attribution": "exclusive",
+        "scope_channels": [],
         "joules": 1.5,
         "dynamic_joules": 0.5,
         "method": "ina3221",

@@ -21,7 +21,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import ClassVar
 
 from edged.energy.base import (
@@ -30,6 +31,7 @@ from edged.energy.base import (
     EnergyMeter,
     EnergyReadError,
     EnergyRecord,
+    Span,
     check_number,
 )
 
@@ -573,6 +575,60 @@ class SampledMeter(EnergyMeter):
             method=method or self.method,
             approximate=approximate or samples < self._config.min_intervals,
             samples=samples,
+        )
+
+    def _measure_attributed(
+        self, start: Anchor, end: Anchor, span: Span, others: Sequence[Span]
+    ) -> EnergyRecord:
+        """Joules of the window's channels; where other device windows overlap it on a channel,
+        each instant's energy of that channel is split equally among the windows open then."""
+        record = self._measure(start, end)
+        if span.channels is None:
+            total = self._source.total
+            names = (total,) if total is not None else self.channels
+        else:
+            names = tuple(c for c in self.channels if c in span.channels)
+        share_s = dict.fromkeys(names, 0.0)  # seconds of each channel charged to this window
+        if not others:
+            joules = sum(record.per_rail_j[c] for c in names)
+            share_s = dict.fromkeys(names, record.window_s)
+        else:
+            t0, t1 = start.t, end.t
+            cuts = {t0, t1}
+            for o in others:
+                cuts.update(x for x in (o.t0, o.t1) if x is not None and t0 < x < t1)
+            parts = []
+            for a, b in pairwise(sorted(cuts)):
+                for c in names:
+                    k = 1 + sum(
+                        1 for o in others
+                        if o.t0 <= a and (o.t1 is None or o.t1 >= b)
+                        and (o.channels is None or c in o.channels)
+                    )
+                    share_s[c] += (b - a) / k
+                    parts.append((a, b, c, k))
+            try:
+                index = {c: self.channels.index(c) for c in names}
+                joules = 0.0
+                for a, b, c, k in parts:
+                    mj, _ = self.sampler.integrate(a, b)
+                    joules += mj[index[c]] / 1000.0 / k
+            except EnergyReadError:  # sub-interval not in the ring: split by time alone
+                span_s = record.window_s or 1.0
+                joules = sum(record.per_rail_j[c] * share_s[c] / span_s for c in names)
+        if span.channels is None:
+            idle_w = self.sampler.idle_w()
+            idle_j = None if idle_w is None else idle_w * max(share_s.values(), default=0.0)
+        else:
+            per_channel = dict(zip(self.channels, self.sampler.idle_channels_w(), strict=True))
+            idle_j = sum((per_channel[c] or 0.0) * share_s[c] for c in names)
+        return replace(
+            record,
+            joules=joules,
+            dynamic_joules=joules if idle_j is None else max(0.0, joules - idle_j),
+            approximate=record.approximate or bool(others),
+            attribution="split-active-time" if others else "exclusive",
+            scope_channels=() if span.channels is None else names,
         )
 
     def power_w(self) -> dict[str, float]:
