@@ -83,15 +83,26 @@ def job(rid: str, **fields: Any) -> Job:
     return Job(request=request, envelope=[b"client", b""], received=now, deadline=now + 60)
 
 
+def explored(eng: Engine, count: int = 1) -> dict[str, Any]:
+    """Stats once `count` exploration runs have finished (they run after the reply)."""
+    end = time.monotonic() + 60
+    while eng.stats()["exploration"]["done"] < count and time.monotonic() < end:
+        time.sleep(0.01)
+    stats = eng.stats()
+    assert stats["exploration"]["done"] >= count, stats["exploration"]
+    return stats
+
+
 def test_failed_exploration_keeps_the_routed_answer(engine):
     eng, replies = engine
     eng.submit(job("x1", max_new_tokens=100))  # cold start: every model runs
     reply = replies.final()
     assert reply["ok"], reply
     assert reply["model"] == "large" and set(reply["route"]["run"]) == {"small", "large"}
-    (other,) = reply["exploration"]
-    assert other["model"] == "small" and other["error"]["code"] == "bad_request"
-    stats = eng.stats()
+    # issue 16.5: exploration runs after the reply, which says so
+    assert reply["exploration"] == [{"model": "small", "status": "queued"}]
+    assert reply["exploration_energy"] == "after_reply"
+    stats = explored(eng)
     assert stats["models"]["large"]["calls"] == 1 and "small" not in stats["models"]
     assert stats["router"]["t"] == 1
     labels = eng.feedback(FeedbackRequest(id="f", op="feedback", request_id="x1",
@@ -102,10 +113,47 @@ def test_failed_exploration_keeps_the_routed_answer(engine):
                                      labels={"small": True}))
 
 
-def test_reload_mid_request_learns_on_the_router_that_decided(engine):
+def test_reply_goes_out_before_exploration_which_still_teaches(engine):
+    """Issue 16.5: the client waits for the served model only; the explored model runs after
+    the reply, its joules in the router and the stats, its reference label learned then; a
+    deadline sweep after the reply does not cut it short."""
+    eng, replies = engine
+    at_reply: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        at_reply.update(eng.stats())
+        eng.sweep(time.monotonic() + 3600)  # the request's deadline passes after its reply
+
+    sent = replies.__call__
+
+    def emit(envelope: list[bytes], message: dict[str, Any]) -> None:
+        if message.get("done") is not False:
+            snapshot()
+        sent(envelope, message)
+
+    eng._emit = emit
+    eng.submit(job("e1", max_new_tokens=4, reference="nope"))  # cold start: explores
+    reply = replies.final()
+    assert reply["ok"] and reply["route"]["explored"], reply
+    assert reply["labels"] == {"large": False}
+    assert "small" not in at_reply["models"]  # not run yet when the reply left
+    stats = explored(eng)
+    small = stats["models"]["small"]
+    assert small["calls"] == 1 and small["explorations"] == 1
+    assert small["exploration_joules"] > 0 and small["labels"] == 1
+    router = stats["router"]["models"]["small"]
+    assert router["energy_j"] is not None and router["labels"] == 1  # learned from it
+    with pytest.raises(ProtocolError, match="already has a label"):  # the reference's
+        eng.feedback(FeedbackRequest(id="f", op="feedback", request_id="e1",
+                                     labels={"small": True}))
+
+
+def test_reload_mid_request_learns_on_the_current_router(engine):
+    """Issue 16.4: a request decided before a reload teaches the router that replaced the one
+    that decided it (the old one is discarded and would never be saved)."""
     eng, replies = engine
     old = eng.router
-    new = Router(["other"], RouterConfig(alpha=0.9, seed=2))
+    new = Router(list(eng.zoo.names), RouterConfig(alpha=0.9, seed=2))
 
     def reload() -> None:  # what Server._reload does, while this request generates
         with eng.router_lock:
@@ -116,9 +164,24 @@ def test_reload_mid_request_learns_on_the_router_that_decided(engine):
     eng.submit(job("r1", max_new_tokens=4, stream=True, reference="nope"))
     reply = replies.final()
     assert reply["ok"], reply
-    assert old.stats()["labels"] == 1 and new.stats()["t"] == 0
-    assert old.stats()["models"]["large"]["energy_j"] is not None  # its energy was learned
-    assert eng.stats()["router"]["t"] == 0  # the engine now reports the new router
+    explored(eng)
+    assert old.stats()["labels"] == 0 and new.stats()["labels"] == 1
+    assert new.stats()["models"]["large"]["energy_j"] is not None  # its energy was learned
+    assert new.stats()["models"]["small"]["energy_j"] is not None  # and the exploration's
+    assert old.stats()["models"]["large"]["energy_j"] is None
+    assert new.predictor.labels.sum() == 2  # the reference labelled both models
+
+
+def test_reload_to_another_zoo_drops_labels_it_cannot_use(engine):
+    eng, replies = engine
+    eng.submit(job("z1", max_new_tokens=4))
+    assert replies.final()["ok"]
+    explored(eng)
+    with eng.router_lock:
+        eng.router = Router(["other"], RouterConfig(alpha=0.9, seed=2))
+    fb = eng.feedback(FeedbackRequest(id="f", op="feedback", request_id="z1", satisfied=True))
+    assert fb["labels"] == {"large": True}  # accepted, but the new zoo has no "large"
+    assert eng.router.stats()["labels"] == 0
 
 
 def test_cancel_while_deciding_answers_cancelled(engine):
@@ -145,8 +208,11 @@ def test_unmeasured_energy_is_not_learned(engine):
     reply = replies.final()
     assert reply["ok"], reply
     assert reply["energy"]["method"] == "none" and math.isnan(reply["energy"]["joules"])
-    stats = eng.stats()
+    stats = explored(eng)
     assert stats["router"]["t"] == 1 and stats["models"]["large"]["joules"] == 0.0
+    # issue 16.6: unmeasured runs are not 0 J in the mean
+    assert stats["models"]["large"]["mean_joules"] is None
+    assert stats["models"]["large"]["measured"] == 0
     assert all(m["energy_j"] is None for m in stats["router"]["models"].values())
 
 
@@ -165,3 +231,26 @@ def test_a_reply_that_cannot_be_sent_does_not_kill_the_worker(engine):
     eng.submit(job("next", max_new_tokens=2))
     reply = replies.final()
     assert reply["id"] == "next" and reply["ok"], reply
+
+
+def test_lp_window_change_on_reload_migrates_the_state(tmp_path):
+    """Issue 16.4: a SIGHUP that changes lp_window used to set the state aside as corrupt."""
+    from edged.server.app import restore_router
+
+    path = tmp_path / "router-state.npz"
+    names = ["small", "large"]
+    router = Router(names, RouterConfig(alpha=0.9, seed=1, lp_window=32))
+    for i in range(40):
+        decision = router.decide(f"t{i % 7}")
+        router.observe_energy(decision, energy_j={decision.model: 1.0 + i})
+        router.observe_labels(decision, {decision.model: bool(i % 2)})
+    router.save(path)
+    for window in (16, 64, 32):
+        again = restore_router(path, names, RouterConfig(alpha=0.9, seed=1, lp_window=window))
+        assert again.t == 40 and again.stats()["labels"] == 40
+        assert again.recent.shape == (window, 2)
+        newest = router.recent[40 % 32]
+        assert (again.recent[40 % window] == newest).all()  # the newest step kept its place
+        old_rows = {tuple(row) for row in router.recent}
+        assert {tuple(row) for row in again.recent} <= old_rows  # no made-up rows
+    assert list(tmp_path.iterdir()) == [path]  # nothing set aside

@@ -98,6 +98,31 @@ def test_several_gpus_are_summed(monkeypatch):
     assert w.record.joules == pytest.approx(400.0, rel=1e-4)
 
 
+def test_counter_reset_re_bases_instead_of_failing_forever(monkeypatch, caplog):
+    """Issue 16.2: after a GPU reset the counter restarts near 0; later windows measure again."""
+    fake = fake_pynvml(monkeypatch)
+    clock = FakeClock(100.0)
+    base = {"mj": 5e6}
+    fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = (
+        lambda h: int(base["mj"] + 50.0 * 1000 * clock.t))
+    meter = NvmlMeter(NvmlConfig(), clock=clock, start=False)
+    try:
+        sweep(meter, clock, 1.0)
+        with meter.window() as spanning:
+            sweep(meter, clock, 1.0)
+            base["mj"] = -50.0 * 1000 * clock.t + 1000  # driver reload: counter back to 1 J
+            sweep(meter, clock, 1.0)
+        assert spanning.record.approximate
+        assert spanning.record.joules == pytest.approx(100.0, rel=0.05)
+        for _ in range(3):
+            with meter.window() as w:
+                sweep(meter, clock, 1.0)
+            assert w.record.joules == pytest.approx(50.0, rel=1e-3) and not w.record.approximate
+    finally:
+        meter.close()
+    assert sum("re-based" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_old_gpu_without_counter_integrates_power(monkeypatch):
     fake = fake_pynvml(monkeypatch)
     fake.nvmlDeviceGetTotalEnergyConsumption.side_effect = pynvml.NVMLError(NOT_SUPPORTED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from edged.energy.rapl import discover_zones
 
 pytestmark = pytest.mark.timeout(60)  # a hung sampler thread fails, never hangs CI
 
-MAX_UJ = 1_000_000  # a tiny range (1 J) so the test can wrap it
+MAX_UJ = 1_000_000  # a tiny range (1 J) so the test can wrap it: the counter counts modulo this
 
 
-def zone(root: Path, name: str, zone_name: str, uj: int, max_uj: int = MAX_UJ) -> Path:
+def zone(root: Path, name: str, zone_name: str, uj: int, max_uj: int = MAX_UJ - 1) -> Path:
     path = root / "class/powercap" / name
     path.mkdir(parents=True)
     (path / "name").write_text(zone_name + "\n")
@@ -68,6 +69,65 @@ def test_counter_differences_with_a_wraparound(tmp_path):
     assert rec.joules == pytest.approx(2.1)
     assert rec.window_s == pytest.approx(1.0)
     assert rec.method == "rapl" and not rec.approximate
+
+
+def test_wrap_modulus_is_max_range_plus_one(tmp_path):
+    # the kernel's counter takes every value 0..max_energy_range_uj, then wraps to 0
+    path = zone(tmp_path, "intel-rapl:0", "package-0", 900, max_uj=999) / "energy_uj"
+    clock = FakeClock()
+    meter = RaplMeter(RaplConfig(sysfs_root=str(tmp_path)), clock=clock, start=False)
+    try:
+        with meter.window() as w:
+            for uj in (950, 999, 0, 100):  # 900 -> 999 -> wrap -> 100: 200 uJ
+                clock.t += 0.05
+                path.write_text(f"{uj}\n")
+                meter.sampler.poll()
+    finally:
+        meter.close()
+    assert w.record.per_rail_j["package-0"] * 1e6 == pytest.approx(200.0, abs=1e-6)
+
+
+def counter_tree(root: Path) -> Path:
+    """One package zone whose counter moves only every 50 ms, like real RAPL firmware."""
+    return zone(root, "intel-rapl:0", "package-0", 0, max_uj=2**40) / "energy_uj"
+
+
+def at(clock: FakeClock, path: Path, t: float, watts: float = 1.0) -> None:
+    """Move the fake clock to `t` and the counter to the energy of 50 ms updates up to it."""
+    clock.t = t
+    path.write_text(f"{int(watts * 1e6 * 0.05 * math.floor(t / 0.05 + 1e-9))}\n")
+
+
+def test_idle_baseline_survives_window_churn(tmp_path):
+    """Issue 16.1: constant 1 W, no load. Back-to-back windows (each edge a reading 1 ms after
+    the last, the counter mostly unchanged) must not drag the baseline down."""
+    path = counter_tree(tmp_path)
+    clock = FakeClock()
+    meter = RaplMeter(RaplConfig(sysfs_root=str(tmp_path)), clock=clock, start=False)
+    try:
+        t = 0.0
+        for _ in range(60):  # 3 s of regular polling
+            t += 0.05
+            at(clock, path, t)
+            meter.sampler.poll()
+        for _ in range(30):  # 1.5 s of churn: a poll, then a 1 ms window right after it
+            t += 0.05
+            at(clock, path, t)
+            meter.sampler.poll()
+            window = meter.window().open()
+            at(clock, path, t + 0.001)
+            window.close()
+        assert meter.sampler.idle_w() == pytest.approx(1.0, rel=0.06)
+        with meter.window() as idle:  # a 1 s idle window
+            for _ in range(20):
+                t += 0.05
+                at(clock, path, t)
+                meter.sampler.poll()
+        rec = idle.record
+    finally:
+        meter.close()
+    assert rec.joules == pytest.approx(1.0, rel=0.06)
+    assert rec.dynamic_joules / rec.joules < 0.1
 
 
 def test_amd_zone_names_are_accepted(tmp_path):

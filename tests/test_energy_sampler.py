@@ -205,11 +205,19 @@ def test_idle_tracker_uses_lowest_second_mean_within_horizon():
     idle = IdleTracker(horizon_s=10.0)
     assert idle.idle_w() is None
     for i in range(100):  # 0..9.9 s at 2 W with one low spike
-        idle.add(i * 0.1, 0.5 if i == 33 else 2.0)
+        idle.add(i * 0.1, 0.5 if i == 33 else 2.0, 0.1)
     assert idle.idle_w() == pytest.approx((0.5 + 9 * 2.0) / 10)  # a spike is diluted
     for i in range(100, 400):  # 20 s at 3 W: the old bins fall out of the horizon
-        idle.add(i * 0.1, 3.0)
+        idle.add(i * 0.1, 3.0, 0.1)
     assert idle.idle_w() == pytest.approx(3.0)
+
+
+def test_idle_tracker_weights_by_time_not_by_sample():
+    idle = IdleTracker(horizon_s=10.0)
+    for i in range(1, 40):  # 1 W in 50 ms intervals, each followed by a 1 ms edge at 0 W
+        idle.add(i * 0.05, 1.0, 0.049)
+        idle.add(i * 0.05 + 0.001, 0.0, 0.001)
+    assert idle.idle_w() == pytest.approx(0.98, abs=0.01)  # per sample it would be 0.5
 
 
 def test_failed_read_in_window_makes_it_approximate_and_failed_edge_raises():
@@ -231,15 +239,25 @@ def test_failed_read_in_window_makes_it_approximate_and_failed_edge_raises():
     assert isinstance(w2.error, EnergyReadError)
 
 
-def test_counter_going_backwards_is_an_error():
-    values = iter([10.0, 20.0, 5.0])
-    clock, _, meter = make({"c": lambda t: next(values)}, kind="energy")
+def test_counter_going_backwards_is_re_based_once():
+    """Issue 16.2: a reset counter (driver reload) continues the curve instead of failing every
+    later window; the window spanning the reset is approximate, the next ones exact."""
+    table = [10.0, 20.0, 5.0, 15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0]  # mJ every 0.1 s
+    clock, _, meter = make({"c": lambda t: table[round(t * 10)]}, kind="energy")
     meter.sampler.poll()
-    clock.t = 0.1
-    meter.sampler.poll()
-    clock.t = 0.2
-    with pytest.raises(EnergyReadError, match="backwards"):
-        meter.sampler.poll()
+    clock.t += 0.1
+    with meter.window() as spanning:  # 20, then 5 (reset: guessed at the last 100 mW), 15, 25
+        for _ in range(3):
+            clock.t += 0.1
+            meter.sampler.poll()
+    assert spanning.record.approximate and spanning.record.joules == pytest.approx(0.03)
+    assert meter.sampler.resets == 1 and meter.sampler.errors == 1
+    clock.t += 0.1
+    with meter.window() as after:  # 35 -> 75: counted normally again
+        for _ in range(4):
+            clock.t += 0.1
+            meter.sampler.poll()
+    assert after.record.joules == pytest.approx(0.04) and not after.record.approximate
 
 
 def test_window_misuse_is_typed():
@@ -263,6 +281,8 @@ def test_window_misuse_is_typed():
 def test_record_to_dict_is_plain_and_complete():
     rec = EnergyRecord(1.5, 0.5, {"VDD_IN": 1.5}, 0.2, "ina3221", False, 5)
     assert rec.to_dict() == {
+        "attribution": "exclusive",
+        "scope_channels": [],
         "joules": 1.5,
         "dynamic_joules": 0.5,
         "method": "ina3221",

@@ -11,7 +11,8 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -80,6 +81,13 @@ class EnergyRecord:
     is the part above the idle baseline. `per_rail_j` is the breakdown per rail or device; it may
     hold the module-input rail beside the rails it feeds, so do not sum it. `approximate` is true
     when the window is too short for the sensor's resolution or the value is an estimate.
+
+    `attribution` says how `joules` was assigned to this window when it was opened for a device
+    (`meter.window(device=...)`): "exclusive" (no other device window overlapped it on its
+    channels), "split-active-time" (energy of the intervals shared with other device windows
+    divided equally among the windows open then; approximate), "overlap-unsplit" (overlapped,
+    but this meter cannot split: approximate). `scope_channels` lists the channels `joules`
+    covers (empty: the meter's whole scope).
     """
 
     joules: float
@@ -89,10 +97,14 @@ class EnergyRecord:
     method: str = ""
     approximate: bool = True
     samples: int = 0
+    attribution: str = "exclusive"
+    scope_channels: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for msgpack/JSON."""
         return {
+            "attribution": self.attribution,
+            "scope_channels": list(self.scope_channels),
             "joules": float(self.joules),
             "dynamic_joules": float(self.dynamic_joules),
             "method": self.method,
@@ -110,8 +122,10 @@ class EnergyWindow:
     reply); they are kept and raised by `record`, so the caller decides what to do.
     """
 
-    def __init__(self, meter: EnergyMeter) -> None:
+    def __init__(self, meter: EnergyMeter, device: str | None = None) -> None:
         self._meter = meter
+        self._device = device
+        self._span: Span | None = None
         self._lock = threading.Lock()
         self._start: Any = None
         self._opened = False
@@ -127,6 +141,8 @@ class EnergyWindow:
             try:
                 self._check_meter()
                 self._start = self._meter._mark()
+                if self._device is not None:
+                    self._span = self._meter._open_span(self._device, self._start)
             except EnergyError as exc:
                 self._error = exc
         return self
@@ -138,14 +154,23 @@ class EnergyWindow:
             if self._closed:
                 raise WindowError("window closed twice")
             self._closed = True
-            if self._error is not None:
-                return
+            span, meter = self._span, self._meter
             try:
-                self._check_meter()
-                end = self._meter._mark()
-                self._record = self._meter._measure(self._start, end)
-            except EnergyError as exc:
-                self._error = exc
+                if self._error is not None:
+                    return
+                try:
+                    self._check_meter()
+                    end = meter._mark()
+                    if span is None:
+                        self._record = meter._measure(self._start, end)
+                    else:
+                        others = meter._close_span(span, meter._mark_time(end))
+                        self._record = meter._measure_attributed(self._start, end, span, others)
+                except EnergyError as exc:
+                    self._error = exc
+            finally:
+                if span is not None and span.t1 is None:  # failed: stop counting it as open
+                    meter._close_span(span, span.t0)
 
     def _check_meter(self) -> None:
         if self._meter.closed:
@@ -181,8 +206,28 @@ class EnergyWindow:
             return self._record
 
 
+@dataclass(eq=False)
+class Span:
+    """An open (t1 None) or closed device window, for splitting shared channels."""
+
+    t0: float
+    t1: float | None
+    #: channels it claims; None: the meter's whole scope
+    channels: frozenset[str] | None
+
+    def shares(self, other: Span) -> bool:
+        if self.channels is None or other.channels is None:
+            return True
+        return bool(self.channels & other.channels)
+
+
 class EnergyMeter(ABC):
-    """One family of energy sensors. Subclasses provide marks and the record between two marks."""
+    """One family of energy sensors. Subclasses provide marks and the record between two marks.
+
+    Windows opened for a device (`window(device=...)`) are attributed: each covers the channels
+    `device_channels(device)` names, and where several device windows overlap on a channel, the
+    energy of the overlap is split equally among the windows open at each instant.
+    """
 
     #: backend name, as `create_meter` knows it
     backend: str = ""
@@ -192,12 +237,60 @@ class EnergyMeter(ABC):
     def __init__(self) -> None:
         self._closed = False
         self._close_lock = threading.Lock()
+        self._spans_lock = threading.Lock()
+        self._spans: list[Span] = []  # open device windows, and closed ones that overlap them
 
-    def window(self) -> EnergyWindow:
-        """A new, unopened window (`with meter.window() as w:` opens it)."""
+    def window(self, device: str | None = None) -> EnergyWindow:
+        """A new, unopened window (`with meter.window() as w:` opens it). With `device`, its
+        joules cover that device's channels and are attributed among overlapping device windows;
+        without, the whole scope, unsplit (nested and enclosing windows)."""
         if self._closed:
             raise MeterClosedError(f"{self.backend} meter is closed: no new windows")
-        return EnergyWindow(self)
+        if device is not None and not self.covers(device):
+            raise WindowError(f"the {self.backend} meter does not measure device {device!r}")
+        return EnergyWindow(self, device)
+
+    def device_channels(self, device: str) -> tuple[str, ...] | None:
+        """The channels that carry `device`'s energy: None for the whole scope (one scope for
+        every device: whole-board or host meters), () when this meter does not see it."""
+        return None
+
+    def covers(self, device: str) -> bool:
+        """Whether this meter sees `device` at all."""
+        return self.device_channels(device) != ()
+
+    def _mark_time(self, mark: Any) -> float:
+        return float(getattr(mark, "t", mark))
+
+    def _open_span(self, device: str, start: Any) -> Span:
+        names = self.device_channels(device)
+        span = Span(self._mark_time(start), None, None if names is None else frozenset(names))
+        with self._spans_lock:
+            self._spans.append(span)
+        return span
+
+    def _close_span(self, span: Span, t1: float) -> list[Span]:
+        """Close `span`; return the other spans that overlapped it on a shared channel."""
+        with self._spans_lock:
+            span.t1 = max(t1, span.t0)
+            others = [
+                o for o in self._spans
+                if o is not span and o.t0 < span.t1 and (o.t1 is None or o.t1 > span.t0)
+                and o.shares(span)
+            ]
+            live = [o.t0 for o in self._spans if o.t1 is None]
+            oldest = min(live) if live else math.inf
+            self._spans = [o for o in self._spans if o.t1 is None or o.t1 > oldest]
+        return others
+
+    def _measure_attributed(
+        self, start: Any, end: Any, span: Span, others: Sequence[Span]
+    ) -> EnergyRecord:
+        """A device window's record; meters that can integrate sub-intervals split overlaps."""
+        record = self._measure(start, end)
+        if not others:
+            return record
+        return replace(record, approximate=True, attribution="overlap-unsplit")
 
     @property
     def closed(self) -> bool:

@@ -25,6 +25,8 @@ from edged.energy.sampler import Clock, SampledMeter, Source, SysfsConfig
 
 BACKEND = "ina3221"
 TOTAL_RAILS = ("VDD_IN", "POM_5V_IN", "VIN")
+#: rail-name keyword of each device family; rails naming neither (SOC, CV, DDR) feed both
+DEVICE_KEYWORDS = {"cpu": "CPU", "cuda": "GPU", "tensorrt": "GPU", "gpu": "GPU"}
 _HWMON_GLOBS = ("bus/i2c/drivers/ina3221*/*/hwmon/hwmon*", "bus/i2c/drivers/ina238*/*/hwmon/hwmon*")
 _IIO_GLOB = "bus/i2c/drivers/ina3221*/*/iio:device*"
 
@@ -213,3 +215,17 @@ class Ina3221Meter(SampledMeter):
             else "sum of the monitored rails (no module-input rail on this board)"
         )
         super().__init__(source, config, clock=clock, start=start)
+
+    def device_channels(self, device: str) -> tuple[str, ...]:
+        """The rails that feed `device`: those naming it (CPU, GPU) plus those naming neither
+        (SOC, CV, memory), which every device shares; never the module-input rail. A rail
+        naming both (Orin Nano's VDD_CPU_GPU_CV) is shared by CPU and GPU windows."""
+        keyword = DEVICE_KEYWORDS.get(device.split(":")[0].lower())
+        if keyword is None:
+            return ()
+        kinds = set(DEVICE_KEYWORDS.values())
+        return tuple(
+            rail for rail in self.channels
+            if rail != self._source.total
+            and (keyword in rail.upper() or not any(k in rail.upper() for k in kinds))
+        )

@@ -12,6 +12,7 @@ answers NOT_SUPPORTED for both, which is reported as unavailable, never as 0 J.
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
 import time
 from collections import deque
@@ -210,6 +211,15 @@ class NvmlMeter(SampledMeter):
             )
         source_cls = NvmlCounterSource if counter else NvmlPowerSource
         return source_cls(nvml, handles, names, clock)
+
+    def device_channels(self, device: str) -> tuple[str, ...]:
+        """"cuda" is GPU 0, "cuda:N" (or "gpuN") GPU N; a GPU not configured, or any other
+        device (the CPU), is not seen by this meter: ()."""
+        match = re.fullmatch(r"(?:cuda|gpu)(?::?(\d+))?", device)
+        if match is None:
+            return ()
+        name = f"gpu{match.group(1) or 0}"
+        return (name,) if name in self.channels else ()
 
     @property
     def update_period_s(self) -> float | None:

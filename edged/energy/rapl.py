@@ -99,7 +99,7 @@ class RaplSource(Source):
                 raise EnergyReadError(f"reading {zone.energy_file}: {exc}") from exc
             last = self._last_uj[i]
             if last is not None and raw < last:
-                self._offset_uj[i] += zone.max_range_uj
+                self._offset_uj[i] += zone.max_range_uj + 1  # counts 0..max_range
             self._last_uj[i] = raw
             out.append((raw + self._offset_uj[i]) / 1000.0)
         return tuple(out)

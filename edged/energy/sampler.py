@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -20,7 +21,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import ClassVar
 
 from edged.energy.base import (
@@ -29,8 +31,11 @@ from edged.energy.base import (
     EnergyMeter,
     EnergyReadError,
     EnergyRecord,
+    Span,
     check_number,
 )
+
+log = logging.getLogger("edged.energy")
 
 Clock = Callable[[], float]
 #: windows whose extrapolated edges exceed this fraction of their length are approximate
@@ -120,39 +125,54 @@ class Anchor:
 class IdleTracker:
     """Idle power: the lowest 1-second mean of the total over the last `horizon_s` seconds.
 
-    A minimum of short means, not of single samples, so one noisy reading does not set it; a
-    trailing horizon, so it follows slow drifts (temperature, DVFS policy). A fixed value wins.
+    Each bin's mean is weighted by time (energy over seconds covered), not by sample: a window
+    edge takes a reading a millisecond after the last one, and a coarse counter (RAPL, NVML)
+    usually shows no change over that millisecond; counted per sample, such zero-power slivers
+    dragged the baseline towards 0 W whenever windows opened and closed often. A bin that covers
+    less than `min_cover` of its second does not count. A minimum of short means, not of single
+    intervals, so one noisy reading does not set it; a trailing horizon, so it follows slow
+    drifts (temperature, DVFS policy). A fixed value wins.
     """
 
     def __init__(
-        self, horizon_s: float = 600.0, *, fixed_w: float | None = None, bin_s: float = 1.0
+        self,
+        horizon_s: float = 600.0,
+        *,
+        fixed_w: float | None = None,
+        bin_s: float = 1.0,
+        min_cover: float = 0.5,
     ) -> None:
         self._horizon_s = horizon_s
         self._fixed_w = fixed_w
         self._bin_s = bin_s
+        self._min_span_s = min_cover * bin_s
         self._bins: deque[tuple[float, float]] = deque()
         self._bin: int | None = None
-        self._sum = 0.0
-        self._count = 0
+        self._energy_j = 0.0
+        self._span_s = 0.0
 
-    def add(self, t: float, total_w: float) -> None:
+    def add(self, t: float, mean_w: float, dt_s: float) -> None:
+        """One interval of `dt_s` seconds ending at `t`, at mean power `mean_w`."""
+        if dt_s <= 0:
+            return
         index = math.floor(t / self._bin_s)
-        if self._bin is not None and index != self._bin and self._count:
-            self._bins.append((self._bin * self._bin_s, self._sum / self._count))
-            self._sum, self._count = 0.0, 0
+        if self._bin is not None and index != self._bin and self._span_s > 0:
+            if self._span_s >= self._min_span_s:
+                self._bins.append((self._bin * self._bin_s, self._energy_j / self._span_s))
+            self._energy_j, self._span_s = 0.0, 0.0
             while self._bins and self._bins[0][0] < t - self._horizon_s:
                 self._bins.popleft()
         self._bin = index
-        self._sum += total_w
-        self._count += 1
+        self._energy_j += mean_w * dt_s
+        self._span_s += dt_s
 
     def idle_w(self) -> float | None:
-        """The baseline in W, or None before the first sample."""
+        """The baseline in W, or None before the first interval."""
         if self._fixed_w is not None:
             return self._fixed_w
         if self._bins:
             return min(mean for _, mean in self._bins)
-        return self._sum / self._count if self._count else None
+        return self._energy_j / self._span_s if self._span_s > 0 else None
 
 
 class Sampler:
@@ -185,6 +205,11 @@ class Sampler:
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._idle = IdleTracker(config.idle_horizon_s, fixed_w=config.idle_w)
+        #: per-channel baselines, for windows scoped to some channels (several devices)
+        self._idle_ch = [IdleTracker(config.idle_horizon_s) for _ in range(self._n)]
+        #: added to an energy counter's raw values since it was re-based after a reset
+        self._offset_mj = (0.0,) * self._n
+        self.resets = 0
         self._stop = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -291,14 +316,15 @@ class Sampler:
                 p = vals
                 e = tuple(a + (x + y) * 0.5 * dt for a, x, y in zip(e0, p0, p, strict=True))
             else:
+                vals = tuple(v + o for v, o in zip(vals, self._offset_mj, strict=True))
                 if any(b < a for a, b in zip(e0, vals, strict=True)):
-                    raise EnergyReadError(
-                        f"energy counter went backwards ({e0} -> {vals} mJ): driver reset?"
-                    )
+                    vals = self._rebase(e0, p0, vals, dt)
                 e = vals
                 p = tuple((b - a) / dt for a, b in zip(e0, vals, strict=True))
         else:
             t0 = p0 = e0 = None
+            if not power:
+                vals = tuple(v + o for v, o in zip(vals, self._offset_mj, strict=True))
             p = vals if power else (0.0,) * self._n
             e = (0.0,) * self._n if power else vals
         slot = self._head
@@ -306,9 +332,13 @@ class Sampler:
         self._head = (slot + 1) % self._cap
         self._count = min(self._count + 1, self._cap)
         self._seq += 1
-        if power or t0 is not None:
-            total = p[self._total] if self._total is not None else sum(p)
-            self._idle.add(t, total / 1000.0)
+        if t0 is not None and e0 is not None:  # time-weighted: the interval's mean power
+            dt = t - t0
+            mean = tuple((b - a) / dt for a, b in zip(e0, e, strict=True))
+            total = mean[self._total] if self._total is not None else sum(mean)
+            self._idle.add(t, total / 1000.0, dt)
+            for tracker, mw in zip(self._idle_ch, mean, strict=True):
+                tracker.add(t, mw / 1000.0, dt)
         if self._pending:
             still: list[Anchor] = []
             for anchor in self._pending:
@@ -318,6 +348,34 @@ class Sampler:
                     still.append(anchor)
                 # an anchor before the first sample, or older than the segment, stays held
             self._pending = still
+
+    def _rebase(
+        self,
+        e0: tuple[float, ...],
+        p0: tuple[float, ...],
+        vals: tuple[float, ...],
+        dt: float,
+    ) -> tuple[float, ...]:
+        """A counter went backwards (GPU reset, driver reload): continue the curve from the last
+        good value, guessing the lost interval at the last power, and count it as an error so
+        the windows spanning it are approximate. Later readings follow the new counter."""
+        fixed = []
+        offsets = list(self._offset_mj)
+        for i, (a, b) in enumerate(zip(e0, vals, strict=True)):
+            if b < a:
+                guess = a + max(0.0, p0[i]) * dt
+                offsets[i] += guess - b
+                b = guess
+            fixed.append(b)
+        self._offset_mj = tuple(offsets)
+        self.resets += 1
+        self._errors += 1
+        self.last_error = EnergyReadError(
+            f"{self._name}: energy counter went backwards ({e0} -> {vals} mJ), re-based"
+        )
+        log.warning("%s: energy counter reset (%s -> %s mJ): re-based; windows spanning it "
+                    "are approximate", self._name, e0, vals)
+        return tuple(fixed)
 
     def _between(
         self,
@@ -373,6 +431,11 @@ class Sampler:
     def idle_w(self) -> float | None:
         with self._lock:
             return self._idle.idle_w()
+
+    def idle_channels_w(self) -> tuple[float | None, ...]:
+        """Idle baseline of each channel (None before its first interval)."""
+        with self._lock:
+            return tuple(tracker.idle_w() for tracker in self._idle_ch)
 
     # --- spans over the ring ---------------------------------------------------------------
 
@@ -512,6 +575,60 @@ class SampledMeter(EnergyMeter):
             method=method or self.method,
             approximate=approximate or samples < self._config.min_intervals,
             samples=samples,
+        )
+
+    def _measure_attributed(
+        self, start: Anchor, end: Anchor, span: Span, others: Sequence[Span]
+    ) -> EnergyRecord:
+        """Joules of the window's channels; where other device windows overlap it on a channel,
+        each instant's energy of that channel is split equally among the windows open then."""
+        record = self._measure(start, end)
+        if span.channels is None:
+            total = self._source.total
+            names = (total,) if total is not None else self.channels
+        else:
+            names = tuple(c for c in self.channels if c in span.channels)
+        share_s = dict.fromkeys(names, 0.0)  # seconds of each channel charged to this window
+        if not others:
+            joules = sum(record.per_rail_j[c] for c in names)
+            share_s = dict.fromkeys(names, record.window_s)
+        else:
+            t0, t1 = start.t, end.t
+            cuts = {t0, t1}
+            for o in others:
+                cuts.update(x for x in (o.t0, o.t1) if x is not None and t0 < x < t1)
+            parts = []
+            for a, b in pairwise(sorted(cuts)):
+                for c in names:
+                    k = 1 + sum(
+                        1 for o in others
+                        if o.t0 <= a and (o.t1 is None or o.t1 >= b)
+                        and (o.channels is None or c in o.channels)
+                    )
+                    share_s[c] += (b - a) / k
+                    parts.append((a, b, c, k))
+            try:
+                index = {c: self.channels.index(c) for c in names}
+                joules = 0.0
+                for a, b, c, k in parts:
+                    mj, _ = self.sampler.integrate(a, b)
+                    joules += mj[index[c]] / 1000.0 / k
+            except EnergyReadError:  # sub-interval not in the ring: split by time alone
+                span_s = record.window_s or 1.0
+                joules = sum(record.per_rail_j[c] * share_s[c] / span_s for c in names)
+        if span.channels is None:
+            idle_w = self.sampler.idle_w()
+            idle_j = None if idle_w is None else idle_w * max(share_s.values(), default=0.0)
+        else:
+            per_channel = dict(zip(self.channels, self.sampler.idle_channels_w(), strict=True))
+            idle_j = sum((per_channel[c] or 0.0) * share_s[c] for c in names)
+        return replace(
+            record,
+            joules=joules,
+            dynamic_joules=joules if idle_j is None else max(0.0, joules - idle_j),
+            approximate=record.approximate or bool(others),
+            attribution="split-active-time" if others else "exclusive",
+            scope_channels=() if span.channels is None else names,
         )
 
     def power_w(self) -> dict[str, float]:

@@ -156,7 +156,8 @@ class RouterConfig:
             margin=0.0, margin_scaled=False, optimism=0.0, optimism_upward=False,
             signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False, prior_strength=2.0, prior_step=0.0, ladder=False,
-            ladder_per_request=False, monotone=False, prior_floor=False, lp_current_rates=False, energy_head=False,
+            ladder_per_request=False, monotone=False, prior_floor=False, lp_current_rates=False,
+            energy_head=False,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -20,7 +20,7 @@ from edged.router import messplus
 from edged.router.config import RouterConfig
 from edged.router.estimates import EnergyHead, RunningStats
 from edged.router.predictor import Features, Predictor
-from edged.router.state import StateError, read_state, set_aside, write_state
+from edged.router.state import StateError, read_state, resize_ring, set_aside, write_state
 
 
 class RouterError(ValueError):
@@ -375,13 +375,12 @@ class Router:
             for name in ("calls", "served"):
                 if arrays[name].shape != (len(router.names),):
                     raise ValueError(f"{name} has shape {arrays[name].shape}")
-            if arrays["recent"].shape != router.recent.shape:
-                raise ValueError(f"recent has shape {arrays['recent'].shape}")
-            if arrays["recent_energy"].shape != router.recent.shape:
-                raise ValueError(f"recent_energy has shape {arrays['recent_energy'].shape}")
             router.energy_head.load_arrays(arrays)
-            router.recent = arrays["recent"].copy()
-            router.recent_energy = arrays["recent_energy"].copy()
+            # another lp_window migrates the rings instead of discarding the state
+            router.recent = resize_ring(
+                arrays["recent"], int(meta["t"]), len(router.recent), len(router.names))
+            router.recent_energy = resize_ring(
+                arrays["recent_energy"], int(meta["t"]), len(router.recent), len(router.names))
             router.calls = arrays["calls"].copy()
             router.served = arrays["served"].copy()
             router.t = int(meta["t"])

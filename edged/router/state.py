@@ -89,3 +89,23 @@ def read_state(
         if meta.get(key) != want:
             raise _fail(path, f"incompatible {key}: file has {meta.get(key)!r}, need {want!r}")
     return meta, arrays
+
+
+def resize_ring(ring: np.ndarray, t: int, rows: int, columns: int) -> np.ndarray:
+    """A ring of per-step rows (row `s % len` holds step s, the last step being `t`) resized to
+    `rows`, keeping the newest steps at their new places; a config change (`lp_window`) then
+    migrates the state instead of discarding it. Rows the old ring never had repeat its newest
+    ones in order, so the window holds no made-up zeros. Another column count is a ValueError."""
+    if ring.ndim != 2 or ring.shape[1] != columns or len(ring) == 0:
+        raise ValueError(f"recent has shape {ring.shape}, need (*, {columns})")
+    old = len(ring)
+    if old == rows:
+        return ring.copy()
+    out = np.zeros((rows, columns), dtype=ring.dtype)
+    have = min(t, old)  # steps t-have+1 .. t are in the old ring
+    if have <= 0:
+        return out
+    newest = [ring[s % old] for s in range(t - have + 1, t + 1)]
+    for i in range(min(rows, t)):  # step t - i takes the i-th newest row (cycling when short)
+        out[(t - i) % rows] = newest[-1 - (i % len(newest))]
+    return out

@@ -153,6 +153,7 @@ class Server:
         self._main = threading.get_ident()
         self._auth: Any = None
         self._meter: EnergyMeter | None = None
+        self._fallback: EnergyMeter | None = None
         self._zoo: Zoo | None = None
         self._held: deque[list[bytes]] = deque()  # final replies waiting for room
         self.received = 0
@@ -207,6 +208,11 @@ class Server:
             )
         except (EnergyConfigError, BackendUnavailable) as exc:
             raise StartupError(f"{self.config.where('[energy]')}: {exc}") from None
+        unseen = sorted(d for d in set(devices.values()) if not meter.covers(d))
+        if unseen:  # e.g. a CPU model beside NVML: never bill it the GPU's joules
+            log.warning("the %s meter does not see device(s) %s: their generations are "
+                        "estimated (CPU time x watts per core)", meter.backend, ", ".join(unseen))
+            self._fallback = create_meter("estimate")
         self.notifier.status("binding")
         self._ctx = zmq.Context()
         self._replies_in = self._ctx.socket(zmq.PULL)
@@ -216,6 +222,7 @@ class Server:
         self.engine = Engine(
             zoo, router, meter, checker,
             emit=self._emit, queue_size=server.queue_size, devices=devices,
+            fallback_meter=self._fallback,
         )
         self.engine.start()
         self.last_save = time.monotonic()
@@ -468,6 +475,13 @@ class Server:
         self._save()
         with engine.router_lock:
             if zoo is not engine.zoo or rconf != engine.router.config:
+                # saved and replaced under one hold of the lock, so nothing learned in between
+                # is lost; requests decided before learn on the new router (same zoo), and
+                # a reshaped state (lp_window) is migrated by Router.restore
+                try:
+                    engine.router.save(self.state_path)
+                except OSError as exc:
+                    log.error("cannot save router state to %s: %s", self.state_path, exc)
                 names = list(zoo.names)
                 engine.router = restore_router(self.state_path, names, rconf)
                 engine.router_dirty = False
@@ -497,6 +511,8 @@ class Server:
             self.endpoint_path.unlink(missing_ok=True)
         if self._meter is not None:
             self._meter.close()
+        if self._fallback is not None:
+            self._fallback.close()
         engine = getattr(self, "engine", None)
         zoo = engine.zoo if engine is not None else self._zoo
         if zoo is not None:

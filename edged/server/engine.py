@@ -1,9 +1,17 @@
 """Generation execution: a bounded queue, one worker per device, energy windows, routing, labels.
 
-One worker per device means at most one generation runs on a device at any time, so the energy
-window around it measures that generation alone (docs/daemon.md). The socket loop (main thread)
-submits jobs, cancels them and sweeps deadlines; workers route, generate and reply through `emit`,
-which is thread-safe. The router is not thread-safe: every call to it holds `router_lock`.
+One worker per device, and each worker runs only its device's generations, so at most one
+generation runs on a device at a time and no worker waits on another device's lock. A worker
+takes, in order: requests already routed to its device, new requests (it routes them and hands
+them to the right device), then exploration runs for its device. The reply goes out when the
+served model finishes; the other models of an exploring decision run afterwards at the lowest
+priority, and their joules and labels go to the router and the stats, not to the reply. With
+several devices each generation is measured in a device window (docs/energy.md): its own scope
+where the meter has one, shared channels split by active time and marked approximate.
+The socket loop (main thread) submits jobs, cancels them and sweeps deadlines; workers route,
+generate and reply through `emit`, which is thread-safe. The router is not thread-safe: every
+call to it holds `router_lock`, and learning always goes to the current router (a reload
+replaces it), never to a discarded one.
 """
 
 from __future__ import annotations
@@ -67,12 +75,19 @@ class Job:
             self.cancel.set()
 
 
+#: how the reply accounts for exploration energy (the reply's `exploration_energy` field)
+EXPLORATION_ENERGY = "after_reply"
+
+
 @dataclass
 class _Finished:
+    """A replied request, kept for feedback and for its explorations still to come."""
+
     decision: Decision | None            # None: the client chose the model (no routing)
-    router: Router | None                # the router that decided (a reload may replace it)
+    dim_bits: int                        # feature size of the router that decided
     primary: str
-    ran: tuple[str, ...]
+    ran: set[str] = field(default_factory=set)        # finished: may be labelled
+    pending: set[str] = field(default_factory=set)    # exploration queued or running
     labelled: set[str] = field(default_factory=set)
 
 
@@ -92,47 +107,106 @@ class _Output:
 @dataclass
 class _ModelStats:
     calls: int = 0
+    measured: int = 0                    # calls whose joules were measured
     joules: float = 0.0
+    explorations: int = 0
+    exploration_joules: float = 0.0
     labels: int = 0
     satisfied: int = 0
 
 
-class JobQueue:
-    """A bounded FIFO whose queued jobs can be withdrawn, so a cancel frees its slot at once."""
+@dataclass(eq=False)
+class _Routed:
+    """A decided job waiting for (or on) its served model's device."""
 
-    def __init__(self, maxsize: int) -> None:
+    job: Job
+    decision: Decision | None
+    dim_bits: int
+    run: tuple[str, ...]                 # served model first
+    queue_ms: float
+
+
+@dataclass(eq=False)
+class _Exploration:
+    """One model of an exploring decision, run after the reply."""
+
+    job: Job                             # a copy with its own cancel event and no deadline
+    finished: _Finished
+    model: str
+
+
+class Tasks:
+    """New jobs (bounded FIFO, withdrawable) and per-device routed jobs and explorations.
+
+    `get(device)` serves, in order: jobs routed to `device`, new jobs (anyone may route them),
+    then explorations on `device`, so exploration never delays a new request.
+    """
+
+    def __init__(self, maxsize: int, devices: list[str]) -> None:
         self.maxsize = maxsize
-        self._items: deque[Job | None] = deque()
+        self._incoming: deque[Job] = deque()
+        self._routed: dict[str, deque[_Routed]] = {d: deque() for d in devices}
+        self._explore: dict[str, deque[_Exploration]] = {d: deque() for d in devices}
+        self._stopping = False
         self._cond = threading.Condition()
 
     def put(self, job: Job) -> bool:
         """False when full."""
         with self._cond:
-            if sum(item is not None for item in self._items) >= self.maxsize:
+            if len(self._incoming) >= self.maxsize:
                 return False
-            self._items.append(job)
-            self._cond.notify()
+            self._incoming.append(job)
+            self._cond.notify_all()
             return True
 
-    def put_stop(self) -> None:
-        """Wake one worker and tell it to exit (not bounded by `maxsize`)."""
+    def put_routed(self, device: str, routed: _Routed) -> None:
         with self._cond:
-            self._items.append(None)
-            self._cond.notify()
+            self._routed[device].append(routed)
+            self._cond.notify_all()
 
-    def get(self) -> Job | None:
+    def put_exploration(self, device: str, task: _Exploration) -> None:
         with self._cond:
-            while not self._items:
+            self._explore[device].append(task)
+            self._cond.notify_all()
+
+    def get(self, device: str) -> Job | _Routed | _Exploration | None:
+        """The next task for `device`'s worker; None once stopping and nothing is left for it."""
+        with self._cond:
+            while True:
+                if self._routed[device]:
+                    return self._routed[device].popleft()
+                if self._incoming:
+                    return self._incoming.popleft()
+                if self._stopping:
+                    return None
+                if self._explore[device]:
+                    return self._explore[device].popleft()
                 self._cond.wait()
-            return self._items.popleft()
+
+    def stop(self) -> None:
+        """Workers exit once routed and new jobs are done; queued explorations are dropped."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def drop_explorations(self) -> list[_Exploration]:
+        with self._cond:
+            dropped = [t for q in self._explore.values() for t in q]
+            for q in self._explore.values():
+                q.clear()
+            return dropped
+
+    def explorations(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._explore.values())
 
     def withdraw(self, job: Job) -> None:
         with self._cond, contextlib.suppress(ValueError):
-            self._items.remove(job)
+            self._incoming.remove(job)
 
     def __len__(self) -> int:
         with self._cond:
-            return sum(item is not None for item in self._items)
+            return len(self._incoming)
 
 
 class Engine:
@@ -148,26 +222,32 @@ class Engine:
         emit: Emit,
         queue_size: int,
         devices: dict[str, str],
+        fallback_meter: EnergyMeter | None = None,
     ) -> None:
         self.zoo = zoo
         self.router = router
         self.meter = meter
+        #: measures devices `meter` does not see (a CPU model beside NVML): an estimate
+        self.fallback_meter = fallback_meter
         self.checker = checker
         self.devices = devices
         self.router_lock = threading.Lock()
         self.router_dirty = False
         self._emit = emit
-        self._queue = JobQueue(queue_size)
         self._lock = threading.Lock()
         self._active: dict[str, Job] = {}
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
         self._device_locks = {d: threading.Lock() for d in set(devices.values()) or {"cpu"}}
+        self._queue = Tasks(queue_size, sorted(self._device_locks))
         self._stats: dict[str, _ModelStats] = {}
+        self._exploring: set[_Exploration] = set()  # running now
+        self.explorations_done = 0
+        self.explorations_dropped = 0
         self.errors: Counter[str] = Counter()
         self.completed = 0
-        self.draining = False
+        self._draining = False
         self._workers = [
-            threading.Thread(target=self._work, name=f"edged-worker-{d}", daemon=True)
+            threading.Thread(target=self._work, args=(d,), name=f"edged-worker-{d}", daemon=True)
             for d in sorted(self._device_locks)
         ]
 
@@ -179,11 +259,30 @@ class Engine:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the workers once the queue is empty (call after draining)."""
-        for _ in self._workers:
-            self._queue.put_stop()
+        self._queue.stop()
         end = time.monotonic() + timeout_s
         for worker in self._workers:
             worker.join(max(0.0, end - time.monotonic()))
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        """Draining takes no new work: queued explorations are dropped (running ones finish)."""
+        self._draining = value
+        if value:
+            self._drop_explorations("the daemon is stopping")
+
+    def _drop_explorations(self, why: str) -> None:
+        dropped = self._queue.drop_explorations()
+        if dropped:
+            log.info("dropped %d queued exploration runs: %s", len(dropped), why)
+        with self._lock:
+            self.explorations_dropped += len(dropped)
+            for task in dropped:
+                task.finished.pending.discard(task.model)
 
     def set_queue_size(self, size: int) -> None:
         self._queue.maxsize = size
@@ -197,8 +296,10 @@ class Engine:
             self.errors[code.value] += 1
 
     def idle(self) -> bool:
+        """No request in flight and no exploration running or queued."""
         with self._lock:
-            return not self._active
+            busy = bool(self._active or self._exploring)
+        return not busy and self._queue.explorations() == 0
 
     def depth(self) -> int:
         return len(self._queue)
@@ -279,6 +380,9 @@ class Engine:
                 if not job.started:
                     replies.append(self._take_queued(
                         job, ErrorCode.SHUTTING_DOWN, "the daemon is stopping"))
+            for task in self._exploring:
+                task.job.stop(ErrorCode.SHUTTING_DOWN)
+        self._drop_explorations("the daemon is stopping now")
         self._emit_all(replies)
 
     def _take_queued(
@@ -313,11 +417,17 @@ class Engine:
             )
         labels = request.labels or {request.model or finished.primary: bool(request.satisfied)}
         for name in labels:
+            if name in finished.pending:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_REQUEST,
+                    f"model {name!r} is still exploring request {rid!r}: label it once it ran",
+                    request.id,
+                )
             if name not in finished.ran:
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
                     f"model {name!r} did not answer request {rid!r} (ran: "
-                    f"{', '.join(finished.ran)})",
+                    f"{', '.join(sorted(finished.ran))})",
                     request.id,
                 )
             if name in finished.labelled:
@@ -331,25 +441,41 @@ class Engine:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _worker_device(self, name: str) -> str:
+        """The worker device of a model (a device new since a reload shares the first one)."""
+        device = self.devices.get(name, "cpu")
+        return device if device in self._device_locks else next(iter(sorted(self._device_locks)))
+
+    def _work(self, device: str) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            task = self._queue.get(device)
+            if task is None:
                 return
-            with self._lock:
-                if job.answered:
-                    continue
-                job.started = True
+            if isinstance(task, _Exploration):
+                self._explore(task)
+                continue
+            job = task.job if isinstance(task, _Routed) else task
+            if isinstance(task, Job):
+                with self._lock:
+                    if job.answered:
+                        continue
+                    job.started = True
             try:
-                reply = self._run(job)
+                routed = task if isinstance(task, _Routed) else self._route(job)
+                target = self._worker_device(routed.run[0])
+                if target != device:  # the served model lives on another device's worker
+                    self._queue.put_routed(target, routed)
+                    continue
+                reply, explore = self._serve(routed)
             except ProtocolError as exc:
                 self.count_error(exc.code)
                 extra = {"text": exc.text} if isinstance(exc, Stopped) else {}
-                reply = error_reply(job.request.id, exc.code, exc.message, **extra)
+                reply, explore = error_reply(job.request.id, exc.code, exc.message, **extra), []
             except Exception as exc:  # the daemon must outlive a bug in one request
                 log.exception("request %s failed", job.request.id)
                 self.count_error(ErrorCode.INTERNAL)
                 reply = error_reply(job.request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}")
+                explore = []
             reply["done"] = True
             with self._lock:
                 self._active.pop(job.request.id, None)
@@ -357,100 +483,151 @@ class Engine:
                 self._emit(job.envelope, reply)
             except Exception:  # a reply that cannot be sent must not take the worker with it
                 log.exception("reply to %s could not be sent", job.request.id)
+            for task in explore:  # after the reply: the client does not wait for these
+                self._queue.put_exploration(self._worker_device(task.model), task)
 
-    def _run(self, job: Job) -> dict[str, Any]:
+    def _route(self, job: Job) -> _Routed:
         req = job.request
         started = time.monotonic()
         if job.cancel.is_set():
             raise ProtocolError(job.reason or ErrorCode.CANCELLED, "stopped in queue", req.id)
         queue_ms = (started - job.received) * 1000.0
-        zoo = self.zoo
         decision: Decision | None = None
-        router: Router | None = None
-        if req.model is not None:
-            run = [req.model]
-        else:
-            remaining_ms = max(0.0, (job.deadline - started) * 1000.0)
-            with self.router_lock:
-                router = self.router  # a reload may swap it: learn on the one that decided
-                decision = router.decide(req.text(), deadline_ms=remaining_ms)
+        with self.router_lock:
+            dim_bits = self.router.config.dim_bits
+            if req.model is None:
+                # the client waits for the served model only: its remaining time is the budget
+                remaining_ms = max(1e-3, (job.deadline - started) * 1000.0)
+                decision = self.router.decide(req.text(), deadline_ms=remaining_ms)
                 self.router_dirty = True
-            run = [decision.model] + [m for m in decision.run if m != decision.model]
-        primary = run[0]
-        outputs: dict[str, _Output] = {}     # finished runs: learned from, labelled
-        others: dict[str, dict[str, Any]] = {}  # every other model of the run, as reported
-        for name in run:
-            if job.cancel.is_set():
-                reason = job.reason or ErrorCode.CANCELLED
-                if name == primary:
-                    raise ProtocolError(reason, "stopped before it started", req.id)
-                others[name] = _error_fields(reason, "not run: the request was stopped")
-                continue
-            try:
-                out = self._generate(zoo, name, job, stream=req.stream and name == primary)
-            except ProtocolError as exc:
-                if name == primary:
-                    raise
-                log.warning("request %s: exploring %s failed: %s", req.id, name, exc.message)
-                others[name] = _error_fields(exc.code, exc.message)
-                continue
-            self._count_run(name, out)
-            if name != primary:
-                others[name] = _output_fields(out, name, queue_ms)
-            if out.result.finish_reason != "cancelled":
-                outputs[name] = out
-            elif name == primary:
-                raise Stopped(job.reason or ErrorCode.CANCELLED,
-                              _stopped_message(job.reason, out.result), req.id, out.result.text)
-        finished = _Finished(decision=decision, router=router, primary=primary,
-                             ran=tuple(outputs))
-        energy_j = {m: j for m, o in outputs.items() if (j := o.joules) is not None}
-        if router is not None and decision is not None and energy_j:
-            latency_s = {m: o.result.total_ms / 1000.0 for m, o in outputs.items()}
-            with self.router_lock:
-                router.observe_energy(decision, energy_j=energy_j, latency_s=latency_s)
-        labels: dict[str, bool] = {}
-        if req.reference is not None:
-            reference = req.reference
-            labels = {m: bool(self.checker(o.result.text, reference)) for m, o in outputs.items()}
-            if decision is not None:
-                self._observe_labels(finished, labels)
+        if decision is None:
+            assert req.model is not None
+            run: tuple[str, ...] = (req.model,)
+        else:
+            run = (decision.model, *(m for m in decision.run if m != decision.model))
+        return _Routed(job, decision, dim_bits, run, queue_ms)
+
+    def _serve(self, routed: _Routed) -> tuple[dict[str, Any], list[_Exploration]]:
+        """Run the served model, learn from it, and return the reply and the explorations."""
+        job, decision, primary = routed.job, routed.decision, routed.run[0]
+        req = job.request
+        if job.cancel.is_set():
+            raise ProtocolError(job.reason or ErrorCode.CANCELLED, "stopped before it started",
+                                req.id)
+        out = self._generate(primary, job, stream=req.stream)
+        self._count_run(primary, out, exploring=False)
+        if out.result.finish_reason == "cancelled":
+            raise Stopped(job.reason or ErrorCode.CANCELLED,
+                          _stopped_message(job.reason, out.result), req.id, out.result.text)
+        finished = _Finished(decision=decision, dim_bits=routed.dim_bits, primary=primary,
+                             ran={primary})
+        explore = [
+            _Exploration(replace(job, cancel=threading.Event(), reason=None, deadline=math.inf),
+                         finished, name)
+            for name in routed.run[1:]
+        ]
+        finished.pending.update(task.model for task in explore)
+        self._learn(finished, primary, out, req.reference)
         with self._lock:
             self._finished[req.id] = finished
             self._finished.move_to_end(req.id)
             while len(self._finished) > FINISHED_KEPT:
                 self._finished.popitem(last=False)
             self.completed += 1
-        reply = ok_reply(req.id, **_output_fields(outputs[primary], primary, queue_ms))
+        reply = ok_reply(req.id, **_output_fields(out, primary, routed.queue_ms))
         reply["route"] = _route_fields(decision)
-        if labels:
-            reply["labels"] = labels
-        if others:
-            reply["exploration"] = [{"model": m, **fields} for m, fields in others.items()]
-        return reply
+        if req.reference is not None:
+            reply["labels"] = {primary: bool(self.checker(out.result.text, req.reference))}
+        if explore:
+            reply["exploration"] = [{"model": t.model, "status": "queued"} for t in explore]
+            reply["exploration_energy"] = EXPLORATION_ENERGY
+        return reply, explore
 
-    def _count_run(self, name: str, out: _Output) -> None:
+    def _explore(self, task: _Exploration) -> None:
+        """One exploration run after the reply: its joules and label teach the router."""
+        name, finished, req = task.model, task.finished, task.job.request
+        with self._lock:
+            self._exploring.add(task)
+        try:
+            out = self._generate(name, task.job, stream=False)
+        except ProtocolError as exc:
+            log.warning("request %s: exploring %s failed: %s", req.id, name, exc.message)
+            out = None
+        except Exception:
+            log.exception("request %s: exploring %s failed", req.id, name)
+            out = None
+        try:
+            if out is not None:
+                self._count_run(name, out, exploring=True)
+                if out.result.finish_reason != "cancelled":
+                    self._learn(finished, name, out, req.reference)
+                    with self._lock:
+                        finished.ran.add(name)
+        finally:
+            with self._lock:
+                finished.pending.discard(name)
+                self._exploring.discard(task)
+                self.explorations_done += 1
+
+    def _learn(self, finished: _Finished, name: str, out: _Output, reference: str | None) -> None:
+        """Joules, seconds and (with a reference) the label of one finished run."""
+        if finished.decision is None:
+            return
+        joules = out.joules
+        with self.router_lock:
+            router = self._router_for(finished, name)
+            if router is not None and joules is not None:
+                router.observe_energy(finished.decision, energy_j={name: joules},
+                                      latency_s={name: out.result.total_ms / 1000.0})
+                self.router_dirty = True
+        if reference is not None:
+            self._observe_labels(finished, {name: bool(self.checker(out.result.text, reference))})
+
+    def _router_for(self, finished: _Finished, *names: str) -> Router | None:
+        """The current router, if it can learn from this decision (caller holds router_lock):
+        same feature size, and it knows the served model and `names` (a reload may change the
+        zoo)."""
+        router, decision = self.router, finished.decision
+        if decision is None or router.config.dim_bits != finished.dim_bits:
+            return None
+        known = set(router.names)
+        if decision.model not in known or not set(names) <= known:
+            return None
+        return router
+
+    def _count_run(self, name: str, out: _Output, *, exploring: bool) -> None:
         """Every run spent energy, finished or cut short: count it in the per-model stats."""
+        joules = out.joules
         with self.router_lock:
             stats = self._stats.setdefault(name, _ModelStats())
             stats.calls += 1
-            stats.joules += out.joules or 0.0
+            if joules is not None:
+                stats.measured += 1
+                stats.joules += joules
+            if exploring:
+                stats.explorations += 1
+                stats.exploration_joules += joules or 0.0
 
     def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> None:
         with self.router_lock:
-            assert finished.router is not None and finished.decision is not None
-            finished.router.observe_labels(finished.decision, labels)
-            self.router_dirty = True
+            router = self._router_for(finished, *labels)
+            if router is not None:
+                assert finished.decision is not None
+                router.observe_labels(finished.decision, labels)
+                self.router_dirty = True
+            else:
+                log.info("labels %s: the router that decided was replaced by an incompatible "
+                         "one; not learned", labels)
             finished.labelled.update(labels)
             for name, ok in labels.items():
                 stats = self._stats.setdefault(name, _ModelStats())
                 stats.labels += 1
                 stats.satisfied += int(ok)
 
-    def _generate(self, zoo: Zoo, name: str, job: Job, *, stream: bool) -> _Output:
+    def _generate(self, name: str, job: Job, *, stream: bool) -> _Output:
         req = job.request
         try:
-            model = zoo.get(name)
+            model = self.zoo.get(name)
         except UnknownModelError:
             raise ProtocolError(ErrorCode.MODEL_NOT_FOUND, f"no model {name!r}", req.id) from None
         except ZooError as exc:
@@ -471,24 +648,36 @@ class Engine:
             return model.generate(messages=[dict(m) for m in req.messages or ()],
                                   params=params, on_delta=on_delta, cancel=job.cancel)
 
-        with self._device_lock(name):
+        device = self._worker_device(name)
+        with self._device_locks[device]:
             try:
-                return self._measured(call)
+                return self._measured(call, self.devices.get(name, device))
             except InvalidRequestError as exc:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name}: {exc}", req.id) from None
             except ZooError as exc:
                 raise ProtocolError(ErrorCode.MODEL_ERROR, f"{name}: {exc}", req.id) from None
 
-    def _device_lock(self, name: str) -> threading.Lock:
-        """The lock of the model's device (a device new since a reload shares the first one)."""
-        lock = self._device_locks.get(self.devices.get(name, "cpu"))
-        return lock if lock is not None else next(iter(self._device_locks.values()))
+    def _window(self, device: str) -> Any:
+        """The energy window of one generation on `device`. One device: the meter's whole
+        scope. Several: a device window (its own channels, shared ones split by active time);
+        a device the meter does not see is measured by the fallback meter, or not at all."""
+        meter = self.meter
+        if not meter.covers(device):
+            if self.fallback_meter is None:
+                return None
+            meter = self.fallback_meter
+        if len(self._device_locks) == 1:
+            return meter.window()
+        return meter.window(device=device)
 
-    def _measured(self, call: Callable[[], GenerationResult]) -> _Output:
+    def _measured(self, call: Callable[[], GenerationResult], device: str) -> _Output:
         """Run `call` in an energy window; a failing meter costs the reading, not the reply."""
         results: list[GenerationResult] = []
         try:
-            with self.meter.window() as window:
+            window = self._window(device)
+            if window is None:
+                return _Output(call(), None)
+            with window:
                 results.append(call())
             return _Output(results[0], window.record)
         except EnergyError as exc:
@@ -509,8 +698,11 @@ class Engine:
             models = {
                 name: {
                     "calls": s.calls,
+                    "measured": s.measured,
                     "joules": s.joules,
-                    "mean_joules": s.joules / s.calls if s.calls else None,
+                    "mean_joules": s.joules / s.measured if s.measured else None,
+                    "explorations": s.explorations,
+                    "exploration_joules": s.exploration_joules,
                     "labels": s.labels,
                     "satisfied": s.satisfied,
                     "satisfaction": s.satisfied / s.labels if s.labels else None,
@@ -523,9 +715,16 @@ class Engine:
             "queue": self.depth(),
             "queue_size": self.queue_size,
             "in_flight": self.in_flight(),
+            "exploration": self._exploration_counts(),
             "models": models,
             "router": router_stats,
         }
+
+    def _exploration_counts(self) -> dict[str, int]:
+        queued = self._queue.explorations()
+        with self._lock:
+            return {"queued": queued, "running": len(self._exploring),
+                    "done": self.explorations_done, "dropped": self.explorations_dropped}
 
     def _error_counts(self) -> dict[str, int]:
         with self._lock:

@@ -10,6 +10,12 @@ The daemon runs one generation at a time per device (docs/daemon.md), so above 1
 latency also holds queueing, which the in-process baseline (threads on one session) does not.
 
     python tools/bench/daemon.py [--model DIR ...] [--requests 200] [--out out/bench/daemon.json]
+
+`--explore` measures instead the reply latency of routed requests that explore vs those that do
+not, on the demo zoo (models/demo), for this tree ("after") and, in the same run, for the
+revision `--before` ("before", exported with `git archive`), one client, sequential requests:
+
+    python tools/bench/daemon.py --explore [--before HEAD~3] [--requests 120]
 """
 
 from __future__ import annotations
@@ -88,18 +94,22 @@ def summary(latencies: list[float], wall_s: float) -> dict[str, float]:
     }
 
 
-def start_daemon(models: list[Path], workdir: Path, energy: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(models: list[Path], workdir: Path, energy: str, *, extra: str = "",
+                 source: Path = REPO) -> tuple[subprocess.Popen, str]:
+    """The daemon of the tree at `source` (another revision's export for a before/after)."""
     endpoint = f"ipc://{workdir}/edged.sock"
     config = workdir / "edged.toml"
+    where = (f'manifest = "{models[0]}"' if models[0].suffix == ".toml"
+             else f"dirs = {json.dumps([str(m) for m in models])}")
     config.write_text(
         f'[server]\nstate_dir = "{workdir / "state"}"\nqueue_size = 64\n'
         f'[energy]\nbackend = "{energy}"\n'
-        f"[models]\ndirs = {json.dumps([str(m) for m in models])}\n"
+        f"[models]\n{where}\n{extra}"
     )
-    env = {**os.environ, "EDGED_ENDPOINT": endpoint}
+    env = {**os.environ, "EDGED_ENDPOINT": endpoint, "PYTHONPATH": str(source)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edged", "serve", "--config", str(config), "--log-level",
-         "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "warning"], cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     from edged.client import Client, ClientError
 
@@ -118,6 +128,85 @@ def start_daemon(models: list[Path], workdir: Path, energy: str) -> tuple[subpro
     raise SystemExit("daemon did not come up in 120 s")
 
 
+EXPLORE_ROUTER = '[router]\nalpha = 0.8\nc = 0.6\nexplore_runs = "all"\nseed = 0\n'
+
+
+def explore_latencies(source: Path, label: str, prompts: list[str], energy: str
+                      ) -> list[dict[str, Any]]:
+    """One sequential client of routed requests; each reply's latency and whether it explored."""
+    import msgpack
+    import zmq
+
+    workdir = Path(tempfile.mkdtemp(prefix="edged-bench-", dir="/tmp"))
+    zoo = REPO / "models" / "demo" / "zoo.toml"
+    proc, endpoint = start_daemon([zoo], workdir, energy, extra=EXPLORE_ROUTER, source=source)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    rows = []
+    try:
+        for i, prompt in enumerate(prompts):
+            status(f"{label}: request {i + 1}/{len(prompts)}")
+            t0 = time.perf_counter()
+            sock.send(msgpack.packb({"v": 1, "id": f"x{i}", "op": "generate", "prompt": prompt}))
+            if not sock.poll(120_000):
+                raise SystemExit("no reply in 120 s")
+            reply = msgpack.unpackb(sock.recv())
+            ms = (time.perf_counter() - t0) * 1000.0
+            if not reply["ok"]:
+                raise SystemExit(f"daemon error: {reply['error']}")
+            rows.append({"explored": bool(reply["route"]["explored"]), "ms": ms,
+                         "model": reply["model"], "runs": len(reply["route"]["run"])})
+    finally:
+        status("")
+        ctx.destroy(linger=0)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def explore_main(args: argparse.Namespace) -> int:
+    prompts = [json.loads(line)["prompt"]
+               for line in (REPO / "models/demo/eval.jsonl").read_text().splitlines() if line]
+    prompts = (prompts * (args.requests // max(1, len(prompts)) + 1))[: args.requests]
+    before_dir = Path(tempfile.mkdtemp(prefix="edged-before-", dir="/tmp"))
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before, "edged"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before_dir)], input=archive, check=True)
+        runs = {"before": explore_latencies(before_dir, f"before ({args.before})", prompts,
+                                            args.energy),
+                "after": explore_latencies(REPO, "after (this tree)", prompts, args.energy)}
+    finally:
+        shutil.rmtree(before_dir, ignore_errors=True)
+    table = []
+    for label, rows in runs.items():
+        for explored in (False, True):
+            ms = [r["ms"] for r in rows if r["explored"] == explored]
+            if ms:
+                table.append({"tree": label, "explored": explored, "requests": len(ms),
+                              "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+                              "mean_ms": statistics.fmean(ms)})
+    print(f"demo zoo, {args.requests} routed requests, 1 sequential client, energy "
+          f"{args.energy}, before = {args.before}")
+    print(f"{'tree':<8} {'explores':>8} {'requests':>8} {'p50 ms':>9} {'p90 ms':>9} {'mean ms':>9}")
+    for r in table:
+        print(f"{r['tree']:<8} {'yes' if r['explored'] else 'no':>8} {r['requests']:>8} "
+              f"{r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['mean_ms']:>9.2f}")
+    out = args.out.with_name("daemon-explore.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"before": args.before, "requests": args.requests,
+                               "energy": args.energy, "table": table, "runs": runs},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, action="append", default=[],
@@ -127,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--out", type=Path, default=Path("out/bench/daemon.json"))
     parser.add_argument("--plot", action="store_true", help="also draw a PNG beside --out")
+    parser.add_argument("--explore", action="store_true",
+                        help="reply latency of exploring vs other requests, before vs after")
+    parser.add_argument("--before", default="HEAD~3", help="revision for --explore's before")
     args = parser.parse_args(argv)
+    if args.explore:
+        return explore_main(args)
     models = args.model or [STORIES]
     if not all((m / "config.json").is_file() for m in models):
         parser.error(f"no model at {models}: pass --model DIR")
