@@ -1,4 +1,4 @@
-"""Sentence encoder (edged.router.encoder) and its export tool (tools/export_encoder.py).
+"""Sentence encoder (edged.router.encoder), its export tool and the replay embedding cache.
 
 Fast tests use a hand-built ONNX graph (token embeddings = a lookup table) whose mean-pooled
 output numpy computes exactly; slow tests build a tiny random BertModel, export it with
@@ -11,12 +11,14 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edged.replay.embeddings import cache_path, default_cache_dir, embed_texts, texts_digest
 from edged.router.encoder import EncoderError, SentenceEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,6 +218,77 @@ def test_bad_encoder_json(lookup_dir: Path, text: str, message: str) -> None:
 def test_bad_threads(lookup_dir: Path) -> None:
     with pytest.raises(EncoderError, match="threads must be"):
         SentenceEncoder(lookup_dir, threads=-1)
+
+
+# -- embedding cache -------------------------------------------------------------------------
+class CountingEncoder:
+    """Deterministic fake: embedding = hash-seeded vector; counts the texts it encoded."""
+
+    def __init__(self, fingerprint: str = "f" * 64, dim: int = 4) -> None:
+        self.fingerprint, self.dim, self.encoded = fingerprint, dim, 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.encoded += len(texts)
+        return np.stack([np.random.default_rng(len(t) * 7919 + sum(map(ord, t)))
+                         .normal(size=self.dim) for t in texts]).astype(np.float32)
+
+
+def test_cache_round_trip(tmp_path: Path) -> None:
+    enc, texts = CountingEncoder(), ["a", "bb", "a", "ccc"]
+    seen: list[tuple[int, int]] = []
+    first = embed_texts(enc, texts, cache_dir=tmp_path, progress=lambda d, t: seen.append((d, t)))
+    assert first.shape == (4, 4) and first.dtype == np.float32
+    assert enc.encoded == 3 and seen[-1] == (3, 3)  # the duplicate "a" is encoded once
+    np.testing.assert_array_equal(first[0], first[2])
+    path = cache_path(enc, texts, tmp_path)
+    assert path.is_file() and path.name.startswith("f" * 16 + "-")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+    again = embed_texts(enc, texts, cache_dir=tmp_path)
+    assert enc.encoded == 3
+    np.testing.assert_array_equal(again, first)
+    assert embed_texts(enc, [], cache_dir=tmp_path).shape == (0, 4)
+
+
+def test_cache_invalidation(tmp_path: Path) -> None:
+    texts = ["x", "y"]
+    embed_texts(CountingEncoder(), texts, cache_dir=tmp_path)
+    other = CountingEncoder(fingerprint="0" * 64)  # new weights / tokenizer / pooling
+    embed_texts(other, texts, cache_dir=tmp_path)
+    assert other.encoded == 2
+    same = CountingEncoder()
+    embed_texts(same, ["x", "y", "z"], cache_dir=tmp_path)
+    embed_texts(same, ["y", "x"], cache_dir=tmp_path)  # order is part of the key
+    assert same.encoded == 5
+    assert len(list(tmp_path.glob("*.npy"))) == 4
+    assert texts_digest(["ab"]) != texts_digest(["a", "b"])
+
+
+@pytest.mark.parametrize("content", [b"garbage", None])
+def test_corrupt_cache_is_recomputed(tmp_path: Path, content: bytes | None) -> None:
+    enc, texts = CountingEncoder(), ["p", "q"]
+    good = embed_texts(enc, texts, cache_dir=tmp_path)
+    path = cache_path(enc, texts, tmp_path)
+    if content is None:
+        np.save(path, np.zeros((3, 4), dtype=np.float32))  # loads, but the shape is wrong
+    else:
+        path.write_bytes(content)
+    with pytest.warns(UserWarning, match=re.escape(str(path))):
+        again = embed_texts(enc, texts, cache_dir=tmp_path)
+    assert enc.encoded == 4
+    np.testing.assert_array_equal(again, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embed_texts(enc, texts, cache_dir=tmp_path)  # rewritten: a clean hit
+    assert enc.encoded == 4
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "edged" / "embeddings"
+    embed_texts(CountingEncoder(), ["t"])
+    assert len(list((tmp_path / "edged" / "embeddings").glob("*.npy"))) == 1
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "edged" / "embeddings"
 
 
 # -- export: a tiny random BertModel, compared with torch ------------------------------------
