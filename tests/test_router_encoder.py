@@ -24,7 +24,8 @@ from edged.router.encoder import EncoderError, SentenceEncoder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "export_encoder.py"
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOL = TOOLS / "export_encoder.py"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
     "the", "a", "what", "is", "which", "how", "do", "i", "of", "to", "and", "in", "capital",
@@ -242,6 +243,7 @@ def test_cache_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first[0], first[2])
     path = cache_path(enc, texts, tmp_path)
     assert path.is_file() and path.name.startswith("f" * 16 + "-")
+    assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
     again = embed_texts(enc, texts, cache_dir=tmp_path)
     assert enc.encoded == 3
@@ -280,6 +282,24 @@ def test_corrupt_cache_is_recomputed(tmp_path: Path, content: bytes | None) -> N
         warnings.simplefilter("error")
         embed_texts(enc, texts, cache_dir=tmp_path)  # rewritten: a clean hit
     assert enc.encoded == 4
+
+
+def test_embed_traces_tool(lookup_dir: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("embed_traces", TOOLS / "embed_traces.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    trace = tmp_path / "t.csv"
+    trace.write_text("input_text,label_s,energy_consumption_s,inference_time_s\n"
+                     "what is the capital,1,2.0,0.1\nhow do i bake bread,0,3.0,0.2\n")
+    cache = tmp_path / "cache"
+    assert tool.main([str(lookup_dir), str(trace), "--cache-dir", str(cache)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fingerprint"] == SentenceEncoder(lookup_dir).fingerprint
+    (entry,) = report["traces"]
+    assert entry["rows"] == 2 and np.load(entry["cache"]).shape == (2, DIM)
+    assert Path(entry["cache"]).parent == cache
+    assert tool.main([str(tmp_path / "nope"), str(trace)]) == 1
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
