@@ -204,7 +204,7 @@ def test_ladder_passes_a_model_confidently_below_target() -> None:
                          "l": [1.0] * 400}.items():
         for label in values:
             router.predictor.update(features, names.index(name), label)
-    assert router._ladder_cap(0.8, router.t) == 2
+    assert router._ladder_cap(router.predictor.predict(features), 0.8, router.t) == 2
     router.debt = 40.0
     assert router.decide("q").model == "l"
 

@@ -1,11 +1,13 @@
-"""Predictor: stable hashing, learning a real signal, gated text head, warm start."""
+"""Predictor: stable hashing, shape features, learning a real signal, expert mixture, chained
+gains, per-request energy, warm start, and a router that routes by kind of request."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from edged.router import Predictor, Router, RouterConfig
-from edged.router.predictor import featurize
+from edged.router.estimates import EnergyHead
+from edged.router.predictor import EXPERTS, featurize, shape_tokens
 
 
 def test_features_are_stable_and_normalised() -> None:
@@ -15,7 +17,16 @@ def test_features_are_stable_and_normalised() -> None:
     assert np.all(np.diff(a.idx) > 0) and a.idx.max() < 4096
     assert np.isclose(np.linalg.norm(a.val), 1.0)
     empty = featurize("", 12)
-    assert empty.idx.size == 1  # only the length bucket
+    assert empty.idx.size == len(shape_tokens(""))  # only the shape tokens
+    assert np.isclose(np.linalg.norm(empty.val), 1.0)
+
+
+def test_shape_tokens_see_digit_counts_not_the_digits() -> None:
+    one, same, two = shape_tokens("3+5="), shape_tokens("7+2="), shape_tokens("31+52=")
+    assert one == same  # the digits themselves are folded away
+    assert "\x00maxdigits:1" in one and "\x00maxdigits:2" in two
+    assert "\x00first:is" in shape_tokens("is barq's root beer a pepsi product")
+    assert "\x00end:?" in shape_tokens("Which is heavier?")
 
 
 def test_running_rate_without_text_signal() -> None:
@@ -29,7 +40,7 @@ def test_running_rate_without_text_signal() -> None:
     assert abs(probs[0] - 0.3) < 0.07 and abs(probs[1] - 0.8) < 0.07
 
 
-def test_text_head_learns_a_real_signal_and_is_gated_in() -> None:
+def test_text_head_learns_a_real_signal_and_is_weighted_in() -> None:
     p = Predictor(1, dim_bits=12, calibration=True, learning_rate=0.2)
     rng = np.random.default_rng(1)
     for i in range(1500):
@@ -38,7 +49,69 @@ def test_text_head_learns_a_real_signal_and_is_gated_in() -> None:
         p.update(p.featurize(text), 0, float(not hard))
     easy = p.predict(p.featurize("say hello 99999"))[0]
     hard = p.predict(p.featurize("integrate the differential equation 99999"))[0]
-    assert easy > 0.8 and hard < 0.2 and p.calib[0] > 0.5
+    assert easy > 0.8 and hard < 0.2
+    assert p.expert_weights()[EXPERTS.index("head"), 0] > 0.9
+
+
+def test_noise_in_the_text_keeps_the_head_out() -> None:
+    p = Predictor(1, dim_bits=12, calibration=True, learning_rate=0.2)
+    rng = np.random.default_rng(2)
+    for i in range(1500):  # labels independent of the (unique) texts
+        p.update(p.featurize(f"request {rng.integers(1 << 30)} {i}"), 0, float(rng.random() < 0.6))
+    assert p.expert_weights()[EXPERTS.index("head"), 0] < 0.5
+    assert abs(p.predict(p.featurize("request 7 7"))[0] - 0.6) < 0.06
+
+
+def test_chain_carries_the_cheaper_models_knowledge_to_a_rarely_run_one() -> None:
+    p = Predictor(2, dim_bits=12, calibration=True, learning_rate=0.2, prior_strength=20.0,
+                  prior_step=0.03)
+    rng = np.random.default_rng(3)
+    for i in range(3000):
+        hard = rng.random() < 0.5
+        text = f"{'prove the theorem' if hard else 'add two and two'} {i}"
+        f = p.featurize(text)
+        small = float(not hard and rng.random() < 0.9)
+        p.update(f, 0, small)
+        if hard or i % 20 == 0:  # the dear model runs on hard requests, and sometimes on both
+            large = float(rng.random() < (0.5 if hard else 0.95))
+            p.update(f, 1, large)
+            p.observe_pair(1, large, small)
+    easy = p.predict(p.featurize("add two and two 99999"))
+    assert easy[1] > 0.8  # not the ~0.5 rate of the hard requests it mostly ran on
+
+
+def test_energy_head_learns_per_request_joules() -> None:
+    head = EnergyHead(2, dim_bits=12, learning_rate=0.1)
+    short, long = featurize("is it raining", 12), featurize("explain the history of rome " * 5, 12)
+    for _ in range(300):
+        head.update(short.idx, short.val, 1, 0.5)
+        head.update(long.idx, long.val, 1, 2.0)
+    assert 0.4 < head.factors(short.idx, short.val)[1] < 0.65
+    assert 1.6 < head.factors(long.idx, long.val)[1] < 2.5
+    assert head.factors(short.idx, short.val)[0] == 1.0  # untouched model: the mean
+
+
+def test_router_routes_by_kind_of_request() -> None:
+    """Two kinds in one stream: the cheap model is right on one (60 %) and wrong on the other.
+    The optimum serves every easy request on small and 3/4 of the hard ones on large
+    (0.6 + 0.4 * 0.75 = alpha): the router gets there after a few hundred labels."""
+    router = Router(["small", "large"], RouterConfig(alpha=0.9, seed=0))
+    rng = np.random.default_rng(4)
+    served: dict[str, list[str]] = {"easy": [], "hard": []}
+    hits = []
+    for i in range(3000):
+        kind = "hard" if rng.random() < 0.4 else "easy"
+        text = f"{i} + {i + 1} =" if kind == "easy" else f"Prove that {i} is not a perfect square."
+        d = router.decide(text)
+        router.observe_energy(d, {m: {"small": 1.0, "large": 10.0}[m] for m in d.run})
+        truth = {"small": float(kind == "easy"), "large": 1.0}
+        router.observe_labels(d, {m: truth[m] for m in d.run})
+        hits.append(truth[d.model])
+        if i >= 1000:
+            served[kind].append(d.model)
+    assert served["easy"].count("small") / len(served["easy"]) > 0.9
+    assert 0.65 < served["hard"].count("large") / len(served["hard"]) < 0.9
+    assert np.mean(hits) >= 0.9 - 0.01
 
 
 def test_chained_prior_keeps_dearer_model_alive() -> None:

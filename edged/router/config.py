@@ -39,10 +39,6 @@ class RouterConfig:
     ladder_per_request: judge "confidently short" on the model's predicted satisfaction for
         this request rather than its running rate, so a request the cheaper model is predicted
         to fail can escalate while the stream's other requests stay on it.
-    monotone: the zoo is ordered by capability: a dearer model is predicted at least as likely
-        to satisfy a request as any cheaper one (a running max over the per-request
-        predictions). A dear model runs on few, mostly hard requests, so its own head sees a
-        biased sample; the cheaper models' well-fed heads carry over what kind of request it is.
     prior_floor: the chained prior is only a floor (model m's rate is the larger of its own
         Beta(1, 1) estimate and model m-1's rate + prior_step), not a pull towards the cheaper
         model that keeps the next model's early rate just below the target.
@@ -76,12 +72,11 @@ class RouterConfig:
     margin: float = 0.13
     margin_decay: float = 0.5
     margin_scaled: bool = True
-    optimism: float = 0.2
+    optimism: float = 0.0
     optimism_upward: bool = True
     ladder: bool = True
     ladder_ucb: float = 0.2
     ladder_per_request: bool = True
-    monotone: bool = True
     prior_floor: bool = True
     lp_current_rates: bool = True
     signed_queue: bool = True
@@ -92,7 +87,7 @@ class RouterConfig:
     prior_strength: float = 20.0
     prior_step: float = 0.03
     dim_bits: int = 16
-    learning_rate: float = 0.02
+    learning_rate: float = 0.1
     energy_head: bool = True
     energy_learning_rate: float = 0.05
     energy_budget_j: float | None = None
@@ -156,7 +151,7 @@ class RouterConfig:
             margin=0.0, margin_scaled=False, optimism=0.0, optimism_upward=False,
             signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False, prior_strength=2.0, prior_step=0.0, ladder=False,
-            ladder_per_request=False, monotone=False, prior_floor=False, lp_current_rates=False,
+            ladder_per_request=False, prior_floor=False, lp_current_rates=False,
             energy_head=False,
         )
 

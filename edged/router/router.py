@@ -121,8 +121,6 @@ class Router:
         t = self.t
         features = self.predictor.featurize(text)
         sat = self.predictor.predict(features)
-        if cfg.monotone:
-            sat = np.maximum.accumulate(sat)
         energy_j = self._energy_estimate(features)
         latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
         allowed = None
@@ -280,8 +278,8 @@ class Router:
         # Never let the prior alone go past the first upgrade from the cheapest model: when the
         # estimates say only a dear model meets alpha, the deficit has to show it first (an
         # early unlucky estimate would otherwise switch the whole stream to the dearest model).
-        slope = messplus.first_upgrade_slope(energy.mean(axis=0), recent.mean(axis=0))
-        self.lam = min(lam, slope)
+        lam = min(lam, messplus.first_upgrade_slope(energy.mean(axis=0), recent.mean(axis=0)))
+        self.lam = lam
 
     def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
