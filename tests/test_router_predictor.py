@@ -4,8 +4,9 @@ gains, per-request energy, warm start, and a router that routes by kind of reque
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from edged.router import Predictor, Router, RouterConfig
+from edged.router import Predictor, Router, RouterConfig, RouterError
 from edged.router.estimates import EnergyHead
 from edged.router.predictor import EXPERTS, featurize, shape_tokens
 
@@ -81,7 +82,7 @@ def test_chain_carries_the_cheaper_models_knowledge_to_a_rarely_run_one() -> Non
 
 
 def test_energy_head_learns_per_request_joules() -> None:
-    head = EnergyHead(2, dim_bits=12, learning_rate=0.1)
+    head = EnergyHead(2, 1 << 12, learning_rate=0.1)
     short, long = featurize("is it raining", 12), featurize("explain the history of rome " * 5, 12)
     for _ in range(300):
         head.update(short.idx, short.val, 1, 0.5)
@@ -148,3 +149,22 @@ def test_prior_floor_is_a_floor_not_a_pull() -> None:
     for _ in range(10):
         floored.update(f, 1, 0.0)  # unlucky m never drops below s's rate + step
     assert floored.rates[1] >= floored.rates[0] + 0.03 - 1e-9
+
+
+def test_router_with_embeddings_round_trips_and_checks_them(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    router = Router(["small", "large"], RouterConfig(alpha=0.8, seed=0), embedding_dim=8)
+    for i in range(50):
+        d = router.decide(f"q{i}", embedding=rng.normal(size=8))
+        router.observe_energy(d, {m: 1.0 for m in d.run})
+        router.observe_labels(d, {m: float(i % 2) for m in d.run})
+    router.save(tmp_path / "s.npz")
+    again = Router.restore(tmp_path / "s.npz", ["small", "large"], router.config, embedding_dim=8)
+    probe = rng.normal(size=8)
+    assert again.decide("x", embedding=probe).to_dict() == router.decide(
+        "x", embedding=probe).to_dict()
+    for bad in (None, np.ones(3), np.full(8, np.nan)):
+        with pytest.raises(RouterError, match="embedding"):
+            router.decide("x", embedding=bad)
+    with pytest.raises(RouterError, match="without embeddings"):
+        Router(["a"], RouterConfig()).decide("x", embedding=np.ones(8))

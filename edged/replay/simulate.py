@@ -25,9 +25,16 @@ class Outcome:
     predictions: np.ndarray | None = None  # (K, 2) predicted probability, label (calibration)
 
 
-def run_router(trace: Trace, config: RouterConfig, label_rate: float = 1.0) -> Outcome:
-    """Drive a real `Router` through the trace in order; labels arrive with `label_rate`."""
-    router = Router(trace.models, config)
+def run_router(
+    trace: Trace,
+    config: RouterConfig,
+    label_rate: float = 1.0,
+    embeddings: np.ndarray | None = None,
+) -> Outcome:
+    """Drive a real `Router` through the trace in order; labels arrive with `label_rate`.
+    `embeddings` (one row per request, in the trace's order) feed a router built for them."""
+    dim = 0 if embeddings is None else embeddings.shape[1]
+    router = Router(trace.models, config, embedding_dim=dim)
     n, m = trace.labels.shape
     sat = np.empty(n)
     energy = np.empty(n)
@@ -37,7 +44,7 @@ def run_router(trace: Trace, config: RouterConfig, label_rate: float = 1.0) -> O
     names = trace.models
     label_coin = np.random.default_rng(config.seed + 7919)
     for i, text in enumerate(trace.texts):
-        decision = router.decide(text)
+        decision = router.decide(text, embedding=None if embeddings is None else embeddings[i])
         idx = [names.index(name) for name in decision.run]
         served = names.index(decision.model)
         router.observe_energy(

@@ -51,10 +51,10 @@ class EnergyHead:
 
     CLIP = 3.0
 
-    def __init__(self, n_models: int, dim_bits: int, learning_rate: float = 0.05) -> None:
+    def __init__(self, n_models: int, dim: int, learning_rate: float = 0.05) -> None:
         self.learning_rate = learning_rate
-        self.weights = np.zeros((n_models, 1 << dim_bits))
-        self.grad_sq = np.full((n_models, 1 << dim_bits), 1e-8)
+        self.weights = np.zeros((n_models, dim))
+        self.grad_sq = np.full((n_models, dim), 1e-8)
 
     def factors(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
         """Multiplier of each model's mean joules for the request with features (idx, val)."""

@@ -136,6 +136,7 @@ class Predictor:
         n_models: int,
         *,
         dim_bits: int = 16,
+        extra_dim: int = 0,
         learning_rate: float = 0.2,
         shared: bool = True,
         calibration: bool = True,
@@ -146,13 +147,14 @@ class Predictor:
         self.prior_floor = prior_floor
         self.n_models = n_models
         self.dim_bits = dim_bits
+        self.extra_dim = extra_dim
         self.learning_rate = learning_rate
         self.shared = shared
         self.calibration = calibration
         self.prior_strength = prior_strength
         self.prior_step = prior_step
         rows = n_models + 1
-        dim = 1 << dim_bits
+        dim = (1 << dim_bits) + extra_dim  # hashed text, then dense features (embeddings)
         self.weights = np.zeros((rows, dim))  # row 0: shared, row 1 + m: model m
         self.grad_sq = np.full((rows, dim), 1e-8)
         self.loss = np.zeros((len(EXPERTS), n_models))  # decayed prequential log-loss
@@ -181,8 +183,17 @@ class Predictor:
         sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
         return np.sqrt(np.log1p(t) / (self.labels + 2.0))
 
-    def featurize(self, text: str) -> Features:
-        return featurize(text, self.dim_bits)
+    def featurize(self, text: str, embedding: np.ndarray | None = None) -> Features:
+        """Hashed features of `text`, followed by `embedding` (extra_dim dense values, e.g. a
+        sentence encoder's unit vector) when the predictor has such dimensions; each part
+        carries half the squared norm, so neither drowns the other."""
+        hashed = featurize(text, self.dim_bits)
+        if embedding is None:
+            return hashed
+        base = 1 << self.dim_bits
+        idx = np.concatenate([hashed.idx, base + np.arange(self.extra_dim)])
+        val = np.concatenate([hashed.val, embedding / (np.linalg.norm(embedding) or 1.0)])
+        return Features(idx, val / math.sqrt(2.0))
 
     def residuals(self, features: Features) -> np.ndarray:
         """Per-request deviation from each model's running rate, in logits (the text head)."""

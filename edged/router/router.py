@@ -61,7 +61,11 @@ class Decision:
 class Router:
     """MESS+ router over `names` (cheapest first)."""
 
-    def __init__(self, names: Sequence[str], config: RouterConfig | None = None) -> None:
+    def __init__(
+        self, names: Sequence[str], config: RouterConfig | None = None, *, embedding_dim: int = 0
+    ) -> None:
+        """`embedding_dim` > 0: every `decide` takes a dense embedding of the request (a
+        sentence encoder's output, computed by the caller) beside its text."""
         names = tuple(names)
         if not names:
             raise RouterError("the router needs at least one model name")
@@ -70,15 +74,20 @@ class Router:
         self.names = names
         self.config = config or RouterConfig()
         self._index = {name: i for i, name in enumerate(names)}
+        if embedding_dim < 0:
+            raise RouterError(f"embedding_dim must be >= 0, got {embedding_dim}")
+        self.embedding_dim = embedding_dim
         cfg = self.config
         self.predictor = Predictor(
-            len(names), dim_bits=cfg.dim_bits, learning_rate=cfg.learning_rate,
+            len(names), dim_bits=cfg.dim_bits, extra_dim=embedding_dim,
+            learning_rate=cfg.learning_rate,
             shared=cfg.shared_head, calibration=cfg.calibration,
             prior_strength=cfg.prior_strength, prior_step=cfg.prior_step,
             prior_floor=cfg.prior_floor,
         )
         self.energy = RunningStats(len(names))
-        self.energy_head = EnergyHead(len(names), cfg.dim_bits, cfg.energy_learning_rate)
+        self.energy_head = EnergyHead(
+            len(names), (1 << cfg.dim_bits) + embedding_dim, cfg.energy_learning_rate)
         self.latency = RunningStats(len(names))
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
         self.t = 0
@@ -110,16 +119,28 @@ class Router:
             est[unknown] = scale * ranks[unknown]
         return est
 
-    def decide(self, text: str, deadline_ms: float | None = None) -> Decision:
-        """Choose the model(s) for one request."""
+    def decide(
+        self, text: str, deadline_ms: float | None = None, *, embedding: np.ndarray | None = None
+    ) -> Decision:
+        """Choose the model(s) for one request (`embedding`: see `__init__`)."""
         if not isinstance(text, str):
             raise RouterError(f"request text must be str, got {type(text).__name__}")
+        if self.embedding_dim:
+            if embedding is None:
+                raise RouterError(f"this router needs a {self.embedding_dim}-dim embedding")
+            embedding = np.asarray(embedding, dtype=np.float64)
+            if embedding.shape != (self.embedding_dim,) or not np.isfinite(embedding).all():
+                raise RouterError(
+                    f"embedding must be {self.embedding_dim} finite numbers, got shape "
+                    f"{embedding.shape}")
+        elif embedding is not None:
+            raise RouterError("this router was built without embeddings (embedding_dim=0)")
         if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
             raise RouterError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
         cfg = self.config
         self.t += 1
         t = self.t
-        features = self.predictor.featurize(text)
+        features = self.predictor.featurize(text, embedding)
         sat = self.predictor.predict(features)
         energy_j = self._energy_estimate(features)
         latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
@@ -269,9 +290,9 @@ class Router:
             return
         self.lam_t = self.t
         target = cfg.alpha  # the margin goes into the deficit only
-        n = min(self.t, len(self.recent))
-        recent = self.recent[:n]  # plain predictions, no bonus
-        energy = self.recent_energy[:n]
+        steps = np.arange(max(1, self.t - len(self.recent) + 1), self.t + 1) % len(self.recent)
+        recent = self.recent[steps]  # plain predictions, no bonus
+        energy = self.recent_energy[steps]
         if cfg.lp_current_rates:
             recent = 1.0 / (1.0 + np.exp(-(recent + self.predictor._base)))
         lam = messplus.multiplier_for_target(energy, recent, target)
@@ -313,15 +334,18 @@ class Router:
         labels: np.ndarray,
         energy_j: np.ndarray | None = None,
         latency_s: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None,
     ) -> None:
-        """Pre-train predictor and estimates from a trace (rows: requests, columns: models)."""
+        """Pre-train predictor and estimates from a trace (rows: requests, columns: models;
+        `embeddings`: one row per request when the router takes them)."""
         n = len(texts)
         shape = (n, len(self.names))
         for what, arr in (("labels", labels), ("energy_j", energy_j), ("latency_s", latency_s)):
             if arr is not None and np.shape(arr) != shape:
                 raise RouterError(f"warm_start {what} has shape {np.shape(arr)}, need {shape}")
         for i, text in enumerate(texts):
-            features = self.predictor.featurize(text)
+            features = self.predictor.featurize(
+                text, None if embeddings is None else embeddings[i])
             for m in range(len(self.names)):
                 self.predictor.update(features, m, float(labels[i, m]))
                 if energy_j is not None:
@@ -333,7 +357,8 @@ class Router:
 
     def _meta(self) -> dict[str, Any]:
         return {
-            "names": list(self.names), "dim_bits": self.config.dim_bits, "t": self.t,
+            "names": list(self.names), "dim_bits": self.config.dim_bits,
+            "embedding_dim": self.embedding_dim, "t": self.t,
             "q": self.q, "z": self.z, "debt": self.debt, "lam": self.lam,
             "lam_t": self.lam_t,
             "explorations": self.explorations,
@@ -353,18 +378,24 @@ class Router:
 
     @classmethod
     def restore(
-        cls, path: str | Path, names: Sequence[str], config: RouterConfig | None = None
+        cls,
+        path: str | Path,
+        names: Sequence[str],
+        config: RouterConfig | None = None,
+        *,
+        embedding_dim: int = 0,
     ) -> Router:
         """Router from a state file, with `config` for its settings (learned state from the file).
 
         A missing file gives a fresh router. A corrupt or incompatible one (another zoo, another
         feature size, another format version) is moved aside and StateError is raised.
         """
-        router = cls(names, config)
+        router = cls(names, config, embedding_dim=embedding_dim)
         path = Path(path)
         if not path.exists():
             return router
-        expect = {"names": list(router.names), "dim_bits": router.config.dim_bits}
+        expect = {"names": list(router.names), "dim_bits": router.config.dim_bits,
+                  "embedding_dim": embedding_dim}
         meta, arrays = read_state(path, expect)
         try:
             router.predictor.load_arrays(arrays)
