@@ -72,7 +72,7 @@ class RouterConfig:
     margin: float = 0.13
     margin_decay: float = 0.5
     margin_scaled: bool = True
-    optimism: float = 0.0
+    optimism: float = 0.2
     optimism_upward: bool = True
     ladder: bool = True
     ladder_ucb: float = 0.2

@@ -255,12 +255,17 @@ class Predictor:
         self.pair_n[model] += 1.0
         self.pair_gain[model] += label - cheaper_label
 
-    def update(self, features: Features, model: int, label: float) -> None:
-        """One prequential step for `model` with `label` in [0, 1]."""
+    def update(
+        self, features: Features, model: int, label: float, experts: np.ndarray | None = None
+    ) -> None:
+        """One prequential step for `model` with `label` in [0, 1]. `experts`: this request's
+        `experts(features)` computed before any of its labels, when several arrive at once."""
         resid = float(self.residuals(features)[model])
         base = float(self._base[model])
         if self.calibration:
-            preds = self.experts(features)[: len(EXPERTS), model]
+            if experts is None:
+                experts = self.experts(features)
+            preds = experts[: len(EXPERTS), model]
             losses = np.array([_log_loss(float(p), label) for p in preds])
             self.loss[:, model] = self.EVIDENCE_DECAY * self.loss[:, model] + losses
         grad = float(_sigmoid(np.array(base + resid))) - label

@@ -313,8 +313,9 @@ class Router:
             if label > 1.0:
                 raise RouterError(f"label for {name!r} must be in [0, 1], got {value!r}")
             checked.append((self._model(name), label))
+        experts = self.predictor.experts(decision.features) if self.config.calibration else None
         for m, label in checked:
-            self.predictor.update(decision.features, m, label)
+            self.predictor.update(decision.features, m, label, experts)
         given = dict(checked)
         for m, label in checked:
             if m > 0 and m - 1 in given:
