@@ -8,6 +8,7 @@ bounded loops, loopback/ipc only.
 # ruff: noqa: F811 (fixtures imported from test_daemon)
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -411,3 +412,16 @@ def test_zoo_switch_and_back_restores_its_state(rule_zoo, tmp_path):
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_crash_bench_small(tmp_path):
+    """tools/bench/crash.py with 3 kills: no acknowledged label lost, no orphan, restarts work."""
+    out = tmp_path / "crash.json"
+    proc = subprocess.run([sys.executable, "tools/bench/crash.py", "--kills", "3", "--seed", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["kills"] == result["restarts_ok"] == 3
+    assert result["acked_lost_total"] == 0 and result["orphans_after_restart"] == 0
+    assert result["acked_total"] > 0
