@@ -51,7 +51,7 @@ def test_notify_order_drain_state_and_restart(rule_zoo, tmp_path):  # noqa: F811
     assert seq[:4] == head
     assert seq.index("STOPPING=1") > seq.index("WATCHDOG=1") > seq.index("READY=1")
     assert seq[-1] == "STATUS=stopped" and seq.count("READY=1") == 1
-    assert (state / "router-state.npz").is_file()
+    assert (state / "router-state.small+large.npz").is_file()  # one state file per zoo
 
     again = Daemon(tmp_path, cfg)
     try:
@@ -201,7 +201,7 @@ def test_serve_model_dirs_without_a_config_file(rule_zoo, tmp_path):  # noqa: F8
         assert reply["ok"] and reply["energy"] is not None
     finally:
         assert d.stop() == 0
-    assert (tmp_path / "state" / "router-state.npz").is_file()
+    assert list((tmp_path / "state").glob("router-state.*.npz"))  # one state file per zoo
 
 
 def test_second_sigterm_stops_in_flight_work(rule_zoo, tmp_path):  # noqa: F811

@@ -72,3 +72,68 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
     router.save(path)
     router.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["router.state"]
+
+
+# -- issue 11: poisoned, unreadable and unmovable state files ---------------------------------
+
+def _poison(path: Path, meta_changes: dict | None = None, array_changes: dict | None = None
+            ) -> None:
+    from edged.router.state import read_state, write_state
+
+    meta, arrays = read_state(path)
+    meta.update(meta_changes or {})
+    for name, fn in (array_changes or {}).items():
+        arrays[name] = fn(arrays[name])
+    write_state(path, meta, arrays)
+
+
+@pytest.mark.parametrize("meta, arrays", [
+    ({"t": -3}, None),
+    ({"q": float("inf")}, None),
+    ({"debt": float("nan")}, None),
+    ({"t": 2.5}, None),
+    (None, {"pred_weights": lambda a: np.full_like(a, np.nan)}),
+    (None, {"energy_count": lambda a: a - 5}),
+    (None, {"pred_grad_sq": lambda a: -a}),
+])
+def test_poisoned_state_is_refused_and_set_aside(tmp_path, meta, arrays):
+    cfg = RouterConfig(alpha=0.7, seed=0, dim_bits=10)
+    router = Router(NAMES, cfg)
+    drive(router, 20, 0)
+    path = tmp_path / "router.state"
+    router.save(path)
+    _poison(path, meta, arrays)
+    with pytest.raises(StateError, match="invalid") as exc:
+        Router.restore(path, NAMES, cfg)
+    assert exc.value.aside is not None and exc.value.aside.exists() and not path.exists()
+
+
+def test_unreadable_state_is_not_set_aside(tmp_path, monkeypatch):
+    from edged.router.state import StateUnreadableError
+
+    cfg = RouterConfig(alpha=0.7, seed=0, dim_bits=10)
+    path = tmp_path / "router.state"
+    Router(NAMES, cfg).save(path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "load", denied)
+    with pytest.raises(StateUnreadableError, match="cannot read"):
+        Router.restore(path, NAMES, cfg)
+    assert path.exists() and not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_corrupt_state_in_a_read_only_dir_is_left_with_a_clear_error(tmp_path, monkeypatch):
+    import edged.router.state as state
+
+    path = tmp_path / "router.state"
+    path.write_bytes(b"not a zip")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(state.os, "replace", read_only)
+    with pytest.raises(StateError, match="could not move it aside") as exc:
+        Router.restore(path, NAMES, RouterConfig(dim_bits=10))
+    assert exc.value.aside is None and path.read_bytes() == b"not a zip"

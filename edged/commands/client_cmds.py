@@ -61,10 +61,16 @@ def endpoint_of(args: argparse.Namespace) -> str:
     env = os.environ.get("EDGED_ENDPOINT")
     if env:
         return env
-    from edged.paths import runtime_dir
+    from edged.paths import InsecureDirError, check_private_dir, runtime_dir
     from edged.protocol import SOCKET_NAME
 
-    return f"ipc://{runtime_dir() / SOCKET_NAME}"
+    directory = runtime_dir()
+    if directory.exists():  # a socket in a directory others can change may not be the daemon's
+        try:
+            check_private_dir(directory)
+        except InsecureDirError as exc:
+            raise SystemExit(f"edged: not connecting: {exc}") from None
+    return f"ipc://{directory / SOCKET_NAME}"
 
 
 def _client(args: argparse.Namespace, retries: int = 2) -> Any:

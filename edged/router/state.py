@@ -29,6 +29,52 @@ class StateError(RuntimeError):
         self.aside = aside
 
 
+class StateUnreadableError(StateError):
+    """The state file exists but may not be read (permissions): it is left where it is, since
+    it may be perfectly good; the caller should not start over it."""
+
+
+#: meta fields: (kind, lowest value); None: any finite value
+_META_RULES: dict[str, tuple[type, float | None]] = {
+    "t": (int, 0), "lam_t": (int, 0), "explorations": (int, 0), "served_labels": (int, 0),
+    "q": (float, 0.0), "z": (float, 0.0), "served_satisfaction": (float, 0.0),
+    "debt": (float, None), "lam": (float, None),
+}
+#: array name endings that hold counts, sums of squares or magnitudes: never negative
+_NON_NEGATIVE = ("count", "calls", "served", "labels", "hits", "_n", "m2", "grad_sq", "mean",
+                 "recent_energy")
+
+
+def validate_state(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Reject well-formed but poisoned state (ValueError naming the field): every array numeric
+    and finite, counts and magnitudes non-negative; scalar meta fields of the right kind and
+    range (`t` a non-negative int, `q`/`z` finite and >= 0, `debt`/`lam` finite). Shapes
+    against the zoo are checked by each part's `load_arrays`."""
+    for key, (kind, lowest) in _META_RULES.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} is {value!r}, not a number")
+        if kind is int and not isinstance(value, int):
+            raise ValueError(f"{key} is {value!r}, not an integer")
+        if not np.isfinite(value):
+            raise ValueError(f"{key} is {value!r}, not finite")
+        if lowest is not None and value < lowest:
+            raise ValueError(f"{key} is {value!r}, must be >= {lowest}")
+    if "t" in meta and "lam_t" in meta and meta["lam_t"] > meta["t"]:
+        raise ValueError(f"lam_t {meta['lam_t']} is past t {meta['t']}")
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"array {name} has dtype {arr.dtype}, not numeric")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"array {name} holds {int((~np.isfinite(arr)).sum())} non-finite "
+                             "values")
+        if (arr.dtype.kind == "i" or name.endswith(_NON_NEGATIVE)) and arr.size \
+                and arr.min() < 0:
+            raise ValueError(f"array {name} holds negative values (min {arr.min()})")
+
+
 def write_state(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Atomically replace `path` with `meta` (JSON-able) and `arrays`."""
     path = Path(path)
@@ -64,7 +110,13 @@ def set_aside(path: Path) -> Path:
 
 
 def _fail(path: Path, why: str) -> StateError:
-    aside = set_aside(path)
+    """Set the bad file aside; where that is impossible (a read-only directory) say so and
+    leave it, so the caller can start fresh in memory instead of failing for good."""
+    try:
+        aside = set_aside(path)
+    except OSError as exc:
+        return StateError(f"router state {path}: {why}; could not move it aside "
+                          f"({exc.strerror or exc}): left in place", None)
     return StateError(f"router state {path}: {why}; moved aside to {aside}", aside)
 
 
@@ -79,6 +131,10 @@ def read_state(
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except FileNotFoundError:
         raise
+    except PermissionError as exc:  # a good file we may not read is not corrupt
+        raise StateUnreadableError(
+            f"router state {path}: cannot read it ({exc.strerror or exc}); left in place: "
+            "fix its permissions or move it away") from exc
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise _fail(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -88,6 +144,10 @@ def read_state(
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise _fail(path, f"incompatible {key}: file has {meta.get(key)!r}, need {want!r}")
+    try:
+        validate_state(meta, arrays)
+    except ValueError as exc:
+        raise _fail(path, f"invalid ({exc})") from exc
     return meta, arrays
 
 

@@ -8,12 +8,14 @@ a silent drop.
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import logging
+import os
+import re
 import signal
+import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -47,9 +49,19 @@ from edged.protocol import (
     unpack,
 )
 from edged.router import Router, RouterConfig, RouterConfigError, StateError
+from edged.router.state import StateUnreadableError
 from edged.server.engine import Engine, Job
+from edged.server.journal import Journal, JournalError, file_digest
+from edged.server.outbox import Outbox
 from edged.server.sdnotify import Notifier
-from edged.server.security import SecurityError, bind, check_endpoint, ipc_path, setup_curve
+from edged.server.security import (
+    SecurityError,
+    bind,
+    check_endpoint,
+    ipc_path,
+    remove_socket,
+    setup_curve,
+)
 from edged.zoo import Zoo, ZooError
 
 log = logging.getLogger("edged.server")
@@ -57,9 +69,11 @@ log = logging.getLogger("edged.server")
 REPLIES = "inproc://edged-replies"
 TICK_S = 0.05           # loop wake-up: deadlines, timers, signals
 BATCH = 256             # messages handled per socket per tick, so neither side starves
-STATE_FILE = "router-state.npz"
+STATE_FILE = "router-state.npz"  # before issue 11: one file for whatever zoo was served
 FLUSH_MS = 2000         # after a drain: how long the last replies may take to leave the socket
-HELD_MAX = 10_000       # final replies kept for clients at their high-water mark
+#: the GIL hand-off period: every ZeroMQ call releases the GIL, and taking it back from a
+#: worker in Python code waited up to the 5 ms default, per call, under load
+SWITCH_INTERVAL_S = 0.0005
 PART, FINAL = b"p", b"f"  # first frame of a worker's message on the inproc pair
 
 
@@ -116,9 +130,26 @@ def device_of(provider: str) -> str:
 
 
 def build_router_config(config: Config) -> RouterConfig:
+    """RouterConfig from `[router]`; a value of the wrong kind is named by its key (the
+    dataclass's own checks would compare a string with a float and say only that)."""
+    table = dict(config.router)
+    defaults = RouterConfig()
+    for key, value in table.items():
+        default = getattr(defaults, key, None)
+        if isinstance(default, bool) or default is None:
+            kinds: tuple[type, ...] | None = (bool,) if isinstance(default, bool) else None
+        elif isinstance(default, (int, float)):
+            kinds = (int, float) if isinstance(default, float) else (int,)
+        else:
+            kinds = None  # strings and unions ("auto" or a number) are checked by RouterConfig
+        if kinds is not None and (not isinstance(value, kinds)
+                                  or (bool not in kinds and isinstance(value, bool))):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise StartupError(f"{config.where(f'[router] {key}')}: must be {want}, "
+                               f"got {value!r}")
     try:
-        return RouterConfig.from_dict(dict(config.router))
-    except (RouterConfigError, TypeError) as exc:
+        return RouterConfig.from_dict(table)
+    except (RouterConfigError, TypeError, ValueError) as exc:
         raise StartupError(f"{config.where('[router]')}: {exc}") from None
 
 
@@ -130,12 +161,83 @@ def build_checker(config: Config, zoo: Zoo) -> Any:
         raise StartupError(f"{config.where('[labels] checker')}: {exc}") from None
 
 
+def zoo_key(names: list[str]) -> str:
+    """The zoo's model names as a file-name part: readable when the names allow it."""
+    slug = "+".join(names)
+    if re.fullmatch(r"[A-Za-z0-9._+-]{1,120}", slug):
+        return slug
+    return "zoo-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def state_file(directory: Path, names: list[str]) -> Path:
+    """One state file per zoo, so a reload to another zoo and back restores what it learned."""
+    return directory / f"router-state.{zoo_key(names)}.npz"
+
+
+def journal_file(directory: Path, names: list[str]) -> Path:
+    return directory / f"labels.{zoo_key(names)}.sqlite"
+
+
+def clean_stale_temps(directory: Path) -> None:
+    """Remove state temp files (`.<name>.tmp-<pid>`) left by a daemon killed mid-save."""
+    for tmp in directory.glob(".router-state*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another daemon on this state dir is saving right now
+        try:
+            size = tmp.stat().st_size
+            tmp.unlink()
+            log.info("removed %s (%d bytes) left by an interrupted save", tmp, size)
+        except OSError as exc:
+            log.warning("cannot remove stale %s: %s", tmp, exc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def restore_router(path: Path, names: list[str], rconf: RouterConfig) -> Router:
+    """The saved router, or a fresh one when the file is corrupt (set aside, or left in place
+    with a warning when the directory is read-only: no crash loop). A file we may not read is
+    a StartupError: it may be good, and starting fresh would overwrite it at the next save."""
+    legacy = path.with_name(STATE_FILE)
+    if not path.exists() and legacy.exists():
+        try:  # a state from before per-zoo files: adopt it if it is this zoo's
+            router = Router.restore(legacy, names, rconf)
+            os.replace(legacy, path)
+            log.info("router state %s renamed to %s (one file per zoo)", legacy, path)
+            return router
+        except StateUnreadableError as exc:
+            raise StartupError(str(exc)) from None
+        except (StateError, OSError) as exc:
+            log.warning("%s; not adopted", exc)
     try:
         return Router.restore(path, names, rconf)
+    except StateUnreadableError as exc:
+        raise StartupError(str(exc)) from None
     except StateError as exc:
-        log.error("%s; starting with a fresh router", exc)
+        if exc.aside is None:
+            log.warning("%s; starting with a fresh router in memory", exc)
+        else:
+            log.error("%s; starting with a fresh router", exc)
         return Router(names, rconf)
+    except OSError as exc:  # e.g. a bad file that cannot be moved aside
+        log.warning("router state %s: %s; starting with a fresh router in memory", path, exc)
+        return Router(names, rconf)
+
+
+def open_journal(directory: Path, names: list[str]) -> Journal | None:
+    try:
+        return Journal(journal_file(directory, names))
+    except JournalError as exc:
+        log.warning("%s: labels are not durable between saves (a kill loses them)", exc)
+        return None
 
 
 class Server:
@@ -155,9 +257,11 @@ class Server:
         self._meter: EnergyMeter | None = None
         self._fallback: EnergyMeter | None = None
         self._zoo: Zoo | None = None
-        self._held: deque[list[bytes]] = deque()  # final replies waiting for room
+        self._outbox: Outbox | None = None
+        self._sock_file: tuple[int, int] | None = None  # (device, inode) of our ipc socket
         self.received = 0
         self.dropped = 0
+        self.paused = 0  # requests of clients that do not read their replies, not served
         self.started = time.monotonic()
 
     # -- start ---------------------------------------------------------------------------------
@@ -165,6 +269,7 @@ class Server:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             self._start()
         except (ConfigError, StartupError, SecurityError) as exc:
@@ -194,14 +299,20 @@ class Server:
         server = self.config.server
         self.endpoint = server.endpoint or default_endpoint()
         check_endpoint(self.endpoint, server)
-        self.state_path = (server.state_dir or state_dir()) / STATE_FILE
+        self.state_dir = server.state_dir or state_dir()
         self.notifier.status("loading models")
         zoo = self._zoo = build_zoo(self.config)
         devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
         rconf = build_router_config(self.config)
         checker = build_checker(self.config, zoo)
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot create the state directory %s: %s", self.state_dir, exc)
+        clean_stale_temps(self.state_dir)
+        self.state_path = state_file(self.state_dir, list(zoo.names))
         router = restore_router(self.state_path, list(zoo.names), rconf)
+        journal = open_journal(self.state_dir, list(zoo.names))
         try:
             meter = self._meter = create_meter(
                 self.config.energy.backend, **self.config.energy.options
@@ -219,11 +330,13 @@ class Server:
         self._replies_in.setsockopt(zmq.RCVHWM, 0)
         self._replies_in.bind(REPLIES)
         self._sock = self._make_socket(server)
+        self._outbox = Outbox(self._sock, lambda identity: self.engine.vanished(identity))
         self.engine = Engine(
             zoo, router, meter, checker,
             emit=self._emit, queue_size=server.queue_size, devices=devices,
             fallback_meter=self._fallback,
         )
+        self._attach_journal(journal)
         self.engine.start()
         self.last_save = time.monotonic()
         names = ", ".join(zoo.names)
@@ -242,7 +355,7 @@ class Server:
         sock.setsockopt(zmq.LINGER, 0)
         if server.curve_secret_key is not None:
             self._auth = setup_curve(self._ctx, sock, server)
-        bind(sock, self.endpoint, server)
+        self._sock_file = bind(sock, self.endpoint, server)
         return sock
 
     # -- loop ----------------------------------------------------------------------------------
@@ -256,17 +369,22 @@ class Server:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._replies_in, zmq.POLLIN)
         watchdog_s = self.notifier.watchdog_interval_s
+        outbox = self._outbox
+        assert outbox is not None
         last_watchdog = 0.0
+        last_tick = 0.0
         stopping_since: float | None = None
         while True:
             events = dict(poller.poll(TICK_S * 1000))
-            if self._held:
-                self._send_held()
             if self._replies_in in events:
                 self._forward_replies()
             if self._sock in events:
                 self._serve_requests()
             now = time.monotonic()
+            if now - last_tick < TICK_S:
+                continue  # a message woke us: timers and held replies wait for the tick
+            last_tick = now
+            outbox.retry()  # bounded: a slow reader costs O(1) per tick
             self.engine.sweep(now)
             if watchdog_s is not None and now - last_watchdog >= watchdog_s:
                 self.notifier.watchdog()
@@ -291,24 +409,36 @@ class Server:
         self.engine.stop()
         self._forward_replies(everything=True)
         end = time.monotonic() + FLUSH_MS / 1000.0
-        while self._held and time.monotonic() < end:
+        while outbox.held and time.monotonic() < end:
             time.sleep(TICK_S / 5)
-            self._send_held()
-        self._save()
+            outbox.flush()
+        saved = self._save(final=True)
         # LINGER=0 would discard the drained replies still queued in the socket at close
         self._sock.setsockopt(zmq.LINGER, FLUSH_MS)
+        if not saved:
+            log.error("stopped after draining, but the final router state save failed: "
+                      "exit status 1")
+            return 1
         log.info("stopped after draining")
         return 0
 
     def _serve_requests(self) -> None:
-        assert self._sock is not None
+        """Up to BATCH requests. A client with replies held (it is not reading) is paused: its
+        generations get `busy` (queued behind its other replies) and, once its held queue is
+        full, its requests are dropped unread, so it spends nobody's time but its own."""
+        assert self._sock is not None and self._outbox is not None
+        outbox = self._outbox
         for _ in range(BATCH):
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self.received += 1
-            self._handle(frames)
+            paused = outbox.backed_up(frames[0])
+            if paused and outbox.full(frames[0]):
+                self.paused += 1
+                continue
+            self._handle(frames, paused)
 
     def _forward_replies(self, everything: bool = False) -> None:
         assert self._replies_in is not None
@@ -323,26 +453,9 @@ class Server:
 
     def _send_frames(self, frames: list[bytes], final: bool) -> None:
         """Send without blocking. A client at its high-water mark loses streamed parts, but its
-        final reply is held and retried every tick until there is room or the client is gone."""
-        assert self._sock is not None
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno == errno.EAGAIN and final:
-                self._held.append(frames)
-                if len(self._held) > HELD_MAX:
-                    self._held.popleft()
-                    self.dropped += 1
-                return
-            self.dropped += 1
-            if exc.errno == errno.EHOSTUNREACH:
-                self.engine.vanished(frames[0])
-            elif exc.errno != errno.EAGAIN:
-                log.warning("reply dropped: %s", exc)
-
-    def _send_held(self) -> None:
-        for _ in range(len(self._held)):
-            self._send_frames(self._held.popleft(), final=True)  # held again if still full
+        final replies are held (bounded per client, see `Outbox`) until there is room."""
+        assert self._outbox is not None
+        self._outbox.send(frames, final)
 
     def _emit(self, envelope: list[bytes], message: dict[str, Any]) -> None:
         """Send a reply from any thread: directly from the main one, else through inproc."""
@@ -363,7 +476,7 @@ class Server:
 
     # -- one request ---------------------------------------------------------------------------
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], paused: bool = False) -> None:
         """Split the envelope (identities up to the empty delimiter) from the one payload."""
         if len(frames) < 2:
             self.dropped += 1
@@ -382,7 +495,7 @@ class Server:
             obj = unpack(payload[0], self.config.server.max_message_bytes)
             rid = peek_id(obj)
             request = parse_request(obj)
-            reply = self._dispatch(request, envelope)
+            reply = self._dispatch(request, envelope, paused)
         except ProtocolError as exc:
             self.engine.count_error(exc.code)
             reply = error_reply(exc.request_id or rid, exc.code, exc.message)
@@ -393,8 +506,12 @@ class Server:
         if reply is not None:
             self._emit(envelope, reply)
 
-    def _dispatch(self, request: Any, envelope: list[bytes]) -> dict[str, Any] | None:
+    def _dispatch(self, request: Any, envelope: list[bytes],
+                  paused: bool = False) -> dict[str, Any] | None:
         if isinstance(request, GenerateRequest):
+            if paused:
+                raise ProtocolError(ErrorCode.BUSY, "earlier replies to this client are still "
+                                    "unread: read them before sending more", request.id)
             now = time.monotonic()
             limit_ms = self.config.server.deadline_max_ms
             deadline_ms = min(request.deadline_ms or limit_ms, limit_ms)
@@ -430,19 +547,49 @@ class Server:
         return {
             **self.engine.stats(),
             "received": self.received,
-            "dropped": self.dropped,
+            "dropped": self.dropped + (self._outbox.dropped if self._outbox else 0),
+            "outbox": self.outbox_stats(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "energy_backend": self.engine.meter.backend,
         }
 
+    def outbox_stats(self) -> dict[str, int]:
+        """Replies held for clients that do not read, and what they cost the loop."""
+        box = self._outbox
+        if box is None:
+            return {"held": 0, "peers": 0, "retries": 0, "paused_requests": self.paused}
+        return {"held": box.held, "peers": box.peers(), "retries": box.attempts,
+                "paused_requests": self.paused}
+
     # -- state, reload, close ------------------------------------------------------------------
 
-    def _save(self) -> None:
+    def _attach_journal(self, journal: Journal | None, *, locked: bool = False) -> None:
+        """Give the engine the zoo's journal and learn what it holds beyond the snapshot
+        (`locked`: the caller holds router_lock)."""
+        engine = self.engine
+        engine.journal = journal
+        if journal is None:
+            return
+        engine.load_stats(journal.load_json("model_stats"))
+        start = journal.replay_start(file_digest(self.state_path))
+        entries = journal.entries(start)
+        replayed = engine.replay_locked(entries) if locked else engine.replay(entries)
+        if replayed:
+            log.info("replayed %d journalled labels after the saved router state", replayed)
+
+    def _save(self, *, final: bool = False) -> bool:
+        """Snapshot the router if it changed; False when that failed (logged)."""
+        unsaved = self.engine.unsaved_labels
         try:
             if self.engine.save(self.state_path):
                 log.debug("router state saved to %s", self.state_path)
+            return True
         except OSError as exc:
-            log.error("cannot save router state to %s: %s", self.state_path, exc)
+            kept = ("they are in the label journal" if self.engine.journal is not None
+                    else "they are lost" if final else "they will be lost if it keeps failing")
+            log.error("cannot save router state to %s: %s (%d labels since the last save; %s)",
+                      self.state_path, exc, unsaved, kept)
+            return False
 
     def _reload(self) -> None:
         """Apply a changed config without dropping connections; a bad one keeps the old."""
@@ -458,7 +605,9 @@ class Server:
                 zoo = self.engine.zoo
             rconf = build_router_config(new)
             checker = build_checker(new, zoo)
-        except (ConfigError, StartupError) as exc:
+            # what the next start would refuse is refused now, not reported as "reloaded"
+            check_endpoint(new.server.endpoint or default_endpoint(), new.server)
+        except (ConfigError, StartupError, SecurityError) as exc:
             log.error("reload failed, keeping the old config: %s", exc)
             self.notifier.ready(f"serving on {self.endpoint} (reload failed: {exc})")
             return
@@ -473,18 +622,33 @@ class Server:
             log.warning("changes to %s take effect on restart", ", ".join(restart_only))
         engine = self.engine
         self._save()
+        names = list(zoo.names)
+        path = state_file(self.state_dir, names)
         with engine.router_lock:
             if zoo is not engine.zoo or rconf != engine.router.config:
                 # saved and replaced under one hold of the lock, so nothing learned in between
                 # is lost; requests decided before learn on the new router (same zoo), and
-                # a reshaped state (lp_window) is migrated by Router.restore
+                # a reshaped state (lp_window) is migrated by Router.restore. Another zoo has
+                # its own state file and journal: switching back restores it.
                 try:
-                    engine.router.save(self.state_path)
+                    engine.save_locked(self.state_path)
                 except OSError as exc:
                     log.error("cannot save router state to %s: %s", self.state_path, exc)
-                names = list(zoo.names)
-                engine.router = restore_router(self.state_path, names, rconf)
-                engine.router_dirty = False
+                try:
+                    router = restore_router(path, names, rconf)
+                except StartupError as exc:
+                    log.error("reload: %s; keeping the old router", exc)
+                    router = None
+                if router is not None:
+                    engine.router = router
+                    engine.router_dirty = False
+                    engine.unsaved_labels = 0
+                    if path != self.state_path:
+                        old_journal = engine.journal
+                        self.state_path = path
+                        self._attach_journal(open_journal(self.state_dir, names), locked=True)
+                        if old_journal is not None:
+                            old_journal.close()
             engine.devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
             old_zoo, engine.zoo = engine.zoo, zoo
             engine.checker = checker
@@ -508,7 +672,7 @@ class Server:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         if self.endpoint_path is not None:
-            self.endpoint_path.unlink(missing_ok=True)
+            remove_socket(self.endpoint_path, self._sock_file)
         if self._meter is not None:
             self._meter.close()
         if self._fallback is not None:

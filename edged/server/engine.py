@@ -17,13 +17,14 @@ replaces it), never to a discarded one.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from edged.protocol import (
     error_reply,
     ok_reply,
 )
-from edged.router import Decision, Router
+from edged.router import Decision, Router, RouterError
+from edged.server.journal import Entry, Journal, JournalError, file_digest
 from edged.zoo import (
     GenerationParams,
     GenerationResult,
@@ -86,6 +88,7 @@ class _Finished:
     decision: Decision | None            # None: the client chose the model (no routing)
     dim_bits: int                        # feature size of the router that decided
     primary: str
+    text: str = ""                       # what the router featurized (the journal replays it)
     ran: set[str] = field(default_factory=set)        # finished: may be labelled
     pending: set[str] = field(default_factory=set)    # exploration queued or running
     labelled: set[str] = field(default_factory=set)
@@ -233,6 +236,10 @@ class Engine:
         self.devices = devices
         self.router_lock = threading.Lock()
         self.router_dirty = False
+        #: write-ahead label journal of the current router's zoo (None: labels not durable)
+        self.journal: Journal | None = None
+        self.unsaved_labels = 0              # labels learned since the last snapshot
+        self._journal_failed = False
         self._emit = emit
         self._lock = threading.Lock()
         self._active: dict[str, Job] = {}
@@ -436,8 +443,8 @@ class Engine:
                     f"request {rid!r} already has a label for {name!r}",
                     request.id,
                 )
-        self._observe_labels(finished, labels)
-        return {"request_id": rid, "labels": labels}
+        durable = self._observe_labels(finished, labels)
+        return {"request_id": rid, "labels": labels, "durable": durable}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -520,7 +527,7 @@ class Engine:
             raise Stopped(job.reason or ErrorCode.CANCELLED,
                           _stopped_message(job.reason, out.result), req.id, out.result.text)
         finished = _Finished(decision=decision, dim_bits=routed.dim_bits, primary=primary,
-                             ran={primary})
+                             ran={primary}, text=req.text() if decision is not None else "")
         explore = [
             _Exploration(replace(job, cancel=threading.Event(), reason=None, deadline=math.inf),
                          finished, name)
@@ -608,13 +615,17 @@ class Engine:
                 stats.explorations += 1
                 stats.exploration_joules += joules or 0.0
 
-    def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> None:
+    def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> bool:
+        """Journal the labels (write-ahead, fsync'ed), then learn them; True when durable."""
+        durable = False
         with self.router_lock:
             router = self._router_for(finished, *labels)
             if router is not None:
                 assert finished.decision is not None
+                durable = self._journal(finished, labels)
                 router.observe_labels(finished.decision, labels)
                 self.router_dirty = True
+                self.unsaved_labels += len(labels)
             else:
                 log.info("labels %s: the router that decided was replaced by an incompatible "
                          "one; not learned", labels)
@@ -623,6 +634,74 @@ class Engine:
                 stats = self._stats.setdefault(name, _ModelStats())
                 stats.labels += 1
                 stats.satisfied += int(ok)
+        return durable
+
+    def _journal(self, finished: _Finished, labels: dict[str, bool]) -> bool:
+        """Append to the journal (caller holds router_lock); a failure is logged once per run
+        of failures and the label is still learned in memory."""
+        if self.journal is None or finished.decision is None:
+            return False
+        try:
+            self.journal.append(finished.text, finished.decision.model,
+                                finished.decision.target, labels)
+        except JournalError as exc:
+            if not self._journal_failed:
+                log.error("%s: labels are learned but not durable until the next save", exc)
+            self._journal_failed = True
+            return False
+        self._journal_failed = False
+        return True
+
+    def replay(self, entries: list[Entry]) -> int:
+        """Learn journalled labels again on the current router (at start, after the snapshot);
+        the number replayed. Uses the router's public API only: a Decision rebuilt from the
+        stored text, served model and target is all `observe_labels` reads."""
+        with self.router_lock:
+            return self.replay_locked(entries)
+
+    def replay_locked(self, entries: list[Entry]) -> int:
+        """`replay` for a caller that holds router_lock (a reload)."""
+        done = 0
+        router = self.router
+        for entry in entries:
+            decision = Decision(
+                t=0, model=entry.model, explored=len(entry.labels) > 1,
+                run=tuple(entry.labels), q=0.0, z=0.0, target=entry.target,
+                predicted_satisfaction={}, predicted_energy_j={}, predicted_latency_s={},
+                features=router.predictor.featurize(entry.text),
+            )
+            try:
+                router.observe_labels(decision, entry.labels)
+            except RouterError as exc:
+                log.warning("journal row %d not replayed: %s", entry.seq, exc)
+                continue
+            done += 1
+            for name, label in entry.labels.items():
+                stats = self._stats.setdefault(name, _ModelStats())
+                stats.labels += 1
+                stats.satisfied += int(label >= 0.5)
+        if done:
+            self.router_dirty = True
+            self.unsaved_labels += done
+        return done
+
+    def stats_state(self) -> dict[str, dict[str, Any]]:
+        """Per-model counters for the journal's meta table (they survive a restart)."""
+        return {name: asdict(s) for name, s in self._stats.items()}
+
+    def load_stats(self, saved: Any) -> None:
+        """Counters from `stats_state`, tolerant of junk (it only feeds `edged stats`)."""
+        if not isinstance(saved, dict):
+            return
+        known = {f.name: f.type for f in fields(_ModelStats)}
+        for name, values in saved.items():
+            if not isinstance(values, dict):
+                continue
+            clean = {k: v for k, v in values.items() if k in known
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and math.isfinite(v) and v >= 0}
+            with contextlib.suppress(TypeError):
+                self._stats[str(name)] = _ModelStats(**clean)
 
     def _generate(self, name: str, job: Job, *, stream: bool) -> _Output:
         req = job.request
@@ -730,14 +809,36 @@ class Engine:
         with self._lock:
             return dict(self.errors)
 
-    def save(self, path: Path) -> bool:
-        """Persist the router state (atomic in Router.save) if it changed; True when written."""
+    def save(self, path: Path, *, force: bool = False) -> bool:
+        """Snapshot the router state if it changed (see `save_locked`); True when written."""
         with self.router_lock:
-            if not self.router_dirty:
+            if not (self.router_dirty or force):
                 return False
-            self.router.save(path)
-            self.router_dirty = False
+            self.save_locked(path)
             return True
+
+    def save_locked(self, path: Path) -> None:
+        """Snapshot the router (atomic in Router.save), then compact the journal, with the
+        markers of edged.server.journal around the write (caller holds router_lock). OSError
+        when the snapshot cannot be written: nothing is compacted then."""
+        journal = self.journal
+        seq = 0
+        if journal is not None:
+            try:
+                seq = journal.last_seq()
+                journal.begin_snapshot(seq)
+            except Exception as exc:  # sqlite3.Error: the snapshot still goes out
+                log.warning("label journal %s: %s", journal.path, exc)
+                journal = None
+        self.router.save(path)
+        self.router_dirty = False
+        self.unsaved_labels = 0
+        if journal is not None:
+            try:
+                journal.commit_snapshot(seq, file_digest(path),
+                                        {"model_stats": json.dumps(self.stats_state())})
+            except Exception as exc:  # the rows stay; replay_start skips them by pending_seq
+                log.warning("label journal %s: compaction failed: %s", journal.path, exc)
 
 
 class Stopped(ProtocolError):

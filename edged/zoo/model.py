@@ -13,7 +13,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,6 @@ class LoadedModel:
         if not directory.is_dir():
             raise ModelLoadError(self.name, f"model directory {directory} does not exist")
         self.session_config = session_config or SessionConfig()
-        self.defaults = defaults or GenerationParams()
         self.config = read_json(directory / "config.json", self.name)
         gen_config = read_json(directory / "generation_config.json", self.name, required=False)
         tok_config = read_json(directory / "tokenizer_config.json", self.name, required=False)
@@ -269,6 +268,7 @@ class LoadedModel:
         self.provider: str = self.session.get_providers()[0]
         self.spec = inspect_graph(self.session, self.config, self.name)
         self.context = context or self._context()
+        self.defaults = _generation_defaults(defaults, gen_config, self.context, self.name)
         self.tokenizer_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self._check_vocab()
         self.bos_token_id, self.eos_token_ids = self._special_ids(gen_config, tok_config)
@@ -368,6 +368,31 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, provider={self.provider!r}, context={self.context})"
+
+
+_HF_GENERATION = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def _generation_defaults(given: GenerationParams | None, gen_config: dict[str, Any],
+                         context: int, model: str) -> GenerationParams:
+    """The model's own generation defaults: `given` (a manifest's [models.generation]) when it
+    sets anything, else the model's generation_config.json (a greedy `do_sample: false` keeps
+    temperature 0), else edged's; `max_new_tokens` clamped below the context length, so a
+    request that sets nothing never asks for more tokens than the model can hold."""
+    params = given if given is not None else GenerationParams()
+    if given is None or given == GenerationParams():
+        picked = {key: gen_config[key] for key in _HF_GENERATION if key in gen_config}
+        if not gen_config.get("do_sample", False):
+            picked.pop("temperature", None)  # transformers ignores it when not sampling
+        for key, value in picked.items():
+            try:
+                params = replace(params, **{key: value})
+            except (InvalidRequestError, TypeError):
+                warnings.warn(f"{model}: generation_config.json {key}={value!r} ignored",
+                              RuntimeWarning, stacklevel=3)
+    if params.max_new_tokens >= context:
+        params = replace(params, max_new_tokens=max(1, context - 1))
+    return params
 
 
 def _token_text(value: object) -> str | None:

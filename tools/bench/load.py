@@ -1,0 +1,289 @@
+"""Daemon under load and beside hostile local clients (issue 11): a table and JSON under out/bench/.
+
+Starts the real daemon (`python -m edged serve`, demo zoo, `estimate` meter, queue 16) on a
+temporary ipc endpoint and measures, each client load in its own process (one event loop over
+DEALER sockets, so client threads do not fight over one GIL):
+
+  - closed loop, 1 / 8 / 32 / 128 clients: each keeps one routed generate in flight and retries
+    `busy` after 10-30 ms; ok req/s, ok p50/p99, `busy` p50/p99;
+  - a normal sequential client alone, then beside a client that sends generates (or `health`)
+    and never reads a reply, then beside one that floods `health` and reads: the normal client's
+    share of its alone throughput;
+  - the daemon's CPU while idle after the hostile client stopped sending (still connected,
+    replies unread), from /proc/<pid>/stat.
+
+Bounded: every phase has a time limit and the hostile clients a message cap; loopback/ipc only.
+
+    python tools/bench/load.py [--seconds 4] [--tree DIR] [--out out/bench/load.json]
+
+`--tree DIR` runs the daemon from another source tree (e.g. `git archive` of an older commit),
+to compare before and after on one machine in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = (1, 8, 32, 128)
+HOSTILE_CAP = 14_000     # messages a hostile client sends at most
+DRAIN_S = 5.0            # time to collect in-flight replies after a phase
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def prompts() -> list[str]:
+    lines = (REPO / "models" / "demo" / "eval.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:200] if line.strip()]
+
+
+class Daemon:
+    """The daemon as a subprocess, ready when its notify socket says READY=1."""
+
+    def __init__(self, tree: Path, work: Path, queue_size: int = 16) -> None:
+        self.work = work
+        self.endpoint = f"ipc://{work}/edged.sock"
+        config = work / "edged.toml"
+        config.write_text(
+            f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n'
+            '[energy]\nbackend = "estimate"\n'
+        )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(work / "notify"))
+        notify.settimeout(120)
+        env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify"), "EDGED_ENDPOINT":
+               self.endpoint, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        self.log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edged", "serve", "--config", str(config)],
+            cwd=tree, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            while not notify.recv(4096).startswith(b"READY=1"):
+                pass
+        finally:
+            notify.close()
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self.log.close()
+
+
+def _request(rid: str, op: str, text: str | None = None) -> bytes:
+    msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
+    if text is not None:
+        msg["prompt"] = text
+    return msgpack.packb(msg)
+
+
+def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
+                results: Any) -> None:
+    """`n_clients` DEALERs, each one generate in flight, `busy` retried after 10-30 ms."""
+    rng = random.Random(n_clients)
+    ctx = zmq.Context()
+    socks = []
+    poller = zmq.Poller()
+    for _ in range(n_clients):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        poller.register(s, zmq.POLLIN)
+        socks.append(s)
+    sent_at = [0.0] * n_clients
+    next_at = [0.0] * n_clients
+    waiting = [False] * n_clients
+    index = {s: i for i, s in enumerate(socks)}
+    ok_ms: list[float] = []
+    busy_ms: list[float] = []
+    errors: dict[str, int] = {}
+    seq = 0
+    start = time.monotonic()
+    end = start + seconds
+    while True:
+        now = time.monotonic()
+        if (now >= end and not any(waiting)) or now >= end + DRAIN_S:
+            break
+        for i, s in enumerate(socks):
+            if not waiting[i] and now >= next_at[i] and now < end:
+                seq += 1
+                s.send_multipart([b"", _request(f"c{i}-{seq}", "generate",
+                                                texts[seq % len(texts)])])
+                sent_at[i], waiting[i] = time.monotonic(), True
+        ready = poller.poll(2)
+        got = time.monotonic()  # when the replies were seen ready (not our own loop's work)
+        for s, _ in ready:
+            i = index[s]
+            reply = msgpack.unpackb(s.recv_multipart()[-1])
+            if reply.get("done") is False:
+                continue
+            ms = (got - sent_at[i]) * 1000.0
+            waiting[i] = False
+            if got > end:
+                continue  # drained after the phase: not counted
+            if reply.get("ok"):
+                ok_ms.append(ms)
+                next_at[i] = got
+            else:
+                code = reply["error"]["code"]
+                errors[code] = errors.get(code, 0) + 1
+                if code == "busy":
+                    busy_ms.append(ms)
+                next_at[i] = got + rng.uniform(0.010, 0.030)
+    results.put({"ok_ms": ok_ms, "busy_ms": busy_ms, "errors": errors, "seconds": seconds})
+    ctx.destroy(linger=0)
+
+
+def hostile(endpoint: str, op: str, seconds: float, read: bool, stop_after: float,
+            results: Any) -> None:
+    """Send `op` as fast as it goes (at most HOSTILE_CAP), reading the replies or never; then
+    stay connected and silent until `stop_after` seconds have passed."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDTIMEO, 100)
+    s.connect(endpoint)
+    start = time.monotonic()
+    sent = 0
+    text = "what is 2+2?" if op == "generate" else None
+    while sent < HOSTILE_CAP and time.monotonic() - start < seconds:
+        try:
+            s.send_multipart([b"", _request(f"h{sent}", op, text)])
+            sent += 1
+        except zmq.Again:
+            continue
+        if read:
+            while s.poll(0):
+                s.recv_multipart()
+    results.put({"sent": sent, "rate": sent / max(1e-9, time.monotonic() - start)})
+    time.sleep(max(0.0, stop_after - (time.monotonic() - start)))
+    ctx.destroy(linger=0)
+
+
+def summarize(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "phase": name,
+        "ok": len(r["ok_ms"]),
+        "ok_per_s": round(len(r["ok_ms"]) / r["seconds"], 1),
+        "ok_p50_ms": _r(percentile(r["ok_ms"], 50)),
+        "ok_p99_ms": _r(percentile(r["ok_ms"], 99)),
+        "busy": len(r["busy_ms"]),
+        "busy_p50_ms": _r(percentile(r["busy_ms"], 50)),
+        "busy_p99_ms": _r(percentile(r["busy_ms"], 99)),
+        "errors": r["errors"],
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
+              hostile_args: tuple[str, bool] | None = None, daemon: Daemon | None = None,
+              idle_s: float = 3.0) -> dict[str, Any]:
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    extra: dict[str, Any] = {}
+    bad = None
+    if hostile_args is not None:
+        hq = ctx.Queue()
+        bad = ctx.Process(target=hostile, args=(endpoint, hostile_args[0], seconds,
+                                                 hostile_args[1], seconds + 1 + idle_s, hq))
+        bad.start()
+    proc = ctx.Process(target=closed_loop, args=(endpoint, n_clients, seconds, texts, results))
+    proc.start()
+    out = results.get(timeout=seconds + DRAIN_S + 60)
+    proc.join(30)
+    if bad is not None:
+        extra["hostile"] = hq.get(timeout=60)
+        if daemon is not None:  # the hostile client has stopped sending, still connected
+            time.sleep(1.0)
+            cpu0, t0 = daemon.cpu_s(), time.monotonic()
+            time.sleep(idle_s)
+            extra["idle_cpu_pct"] = round(
+                100.0 * (daemon.cpu_s() - cpu0) / (time.monotonic() - t0), 2)
+        bad.join(idle_s + 30)
+    return {**out, **extra}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per phase (1..30)")
+    parser.add_argument("--tree", type=Path, default=REPO, help="source tree of the daemon")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "load.json")
+    args = parser.parse_args()
+    seconds = min(30.0, max(1.0, args.seconds))
+    texts = prompts()
+    work = Path(tempfile.mkdtemp(prefix="edged-load-", dir="/tmp"))
+    rows: list[dict[str, Any]] = []
+    daemon = Daemon(args.tree.resolve(), work)
+    try:
+        cpu0, t0 = daemon.cpu_s(), time.monotonic()
+        time.sleep(2.0)
+        baseline_idle = round(100.0 * (daemon.cpu_s() - cpu0) / (time.monotonic() - t0), 2)
+        for n in CLIENTS:
+            rows.append(summarize(f"{n} clients", run_phase(daemon.endpoint, n, seconds, texts)))
+            print(rows[-1], file=sys.stderr)
+        alone = summarize("normal alone", run_phase(daemon.endpoint, 1, seconds, texts))
+        rows.append(alone)
+        for label, op, read in (("beside non-reading generate flood", "generate", False),
+                                ("beside non-reading health flood", "health", False),
+                                ("beside reading health flood", "health", True)):
+            r = run_phase(daemon.endpoint, 1, seconds, texts, (op, read), daemon)
+            row = summarize(f"normal {label}", r)
+            row["share_of_alone"] = round(row["ok_per_s"] / max(1e-9, alone["ok_per_s"]), 3)
+            row["hostile_sent"] = r["hostile"]["sent"]
+            row["hostile_rate"] = round(r["hostile"]["rate"], 1)
+            row["idle_cpu_pct_after"] = r.get("idle_cpu_pct")
+            rows.append(row)
+            print(row, file=sys.stderr)
+        code = daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+    result = {"tree": str(args.tree), "seconds": seconds, "idle_cpu_pct_before": baseline_idle,
+              "exit": code, "rows": rows, "cpus": os.cpu_count()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    keys = ("phase", "ok_per_s", "ok_p50_ms", "ok_p99_ms", "busy", "busy_p50_ms", "busy_p99_ms",
+            "share_of_alone", "idle_cpu_pct_after")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    print(f"idle CPU before any load: {baseline_idle} %; exit {code}; JSON: {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
