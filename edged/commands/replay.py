@@ -46,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=5, help="shuffles per trace (default 5)")
     p.add_argument("--first-seed", type=int, default=0,
                    help="first shuffle seed (default 0); a later range is a held-out check")
+    p.add_argument("--labels", default="reference", metavar="SOURCE[,sparsity=P]",
+                   help="labels the routers see: reference (every run, true labels) or "
+                        "agreement (pseudo-labels: agreement with the top model on exploring "
+                        "runs; ',sparsity=P' adds real labels of the served model on a share P "
+                        "of requests). Satisfaction is always scored on the true labels")
+    p.add_argument("--feedback-sparsity", type=float, default=None, metavar="P",
+                   help="real labels on a share P of requests only (the paper's feedback "
+                        "sparsity); with --labels agreement, the share of real labels")
     p.add_argument("--c", type=float, default=0.1, help="messplus exploration constant")
     p.add_argument("--V", type=float, default=0.001, help="messplus V per joule")
     p.add_argument("--json", type=Path, default=None,
@@ -72,7 +80,7 @@ def parse_alphas(text: str | None) -> list[float] | None:
 
 def run(args: argparse.Namespace) -> int:
     from edged.replay import DEFAULT_ALPHA, TraceError, find_traces, load_trace, mix_traces
-    from edged.replay.runner import edged_factory, paper_factory
+    from edged.replay.runner import EDGED, edged_factory, paper_factory
 
     def fail(message: str) -> int:
         print(f"edged replay: {message}", file=sys.stderr)
@@ -106,8 +114,13 @@ def run(args: argparse.Namespace) -> int:
         if alphas is None and trace.benchmark not in DEFAULT_ALPHA:
             return fail(f"no default alpha for {trace.benchmark}; pass --alpha")
         jobs += [(trace, a) for a in (alphas or [DEFAULT_ALPHA[trace.benchmark]])]
-    routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory()}
-    results = replay_all(jobs, routers, args.seeds, args.first_seed)
+    try:
+        labels = parse_labels(args.labels, args.feedback_sparsity)
+    except ValueError as exc:
+        return fail(str(exc))
+    edged = EDGED.for_agreement() if labels.source == "agreement" else EDGED
+    routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory(edged)}
+    results = replay_all(jobs, routers, args.seeds, args.first_seed, labels)
     if args.json is not None:
         data = [r.summary for r in results]
         args.json.write_text(json.dumps(data[0] if len(data) == 1 else data, indent=1) + "\n")
@@ -120,8 +133,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_labels(spec: str, sparsity: float | None) -> Any:
+    """`--labels` and `--feedback-sparsity` as a LabelModel (ValueError naming the flag)."""
+    from edged.replay.simulate import LabelModel
+
+    source, _, rest = spec.partition(",")
+    share = None
+    if rest:
+        key, _, value = rest.partition("=")
+        if key != "sparsity":
+            raise ValueError(f"--labels {spec!r}: expected SOURCE[,sparsity=P]")
+        try:
+            share = float(value)
+        except ValueError:
+            raise ValueError(f"--labels {spec!r}: sparsity {value!r} is not a number") from None
+    if share is not None and sparsity is not None and share != sparsity:
+        raise ValueError("--labels sparsity and --feedback-sparsity disagree")
+    share = share if share is not None else sparsity
+    if source not in ("reference", "agreement"):
+        raise ValueError(f"--labels {spec!r}: source must be reference or agreement")
+    default = 1.0 if source == "reference" else 0.0
+    try:
+        return LabelModel(source, default if share is None else share)
+    except ValueError as exc:
+        raise ValueError(f"--labels/--feedback-sparsity: {exc}") from None
+
+
 def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
-               first_seed: int) -> list:
+               first_seed: int, labels: Any = None) -> list:
     """Run and print each (trace, alpha); a status line on stderr when it is a terminal, since
     one mixed stream with the routers takes minutes."""
     from edged.replay import run_benchmark
@@ -139,7 +178,8 @@ def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
             def progress(line: str, n: int = n) -> None:
                 print(f"\r\033[K[{n + 1}/{len(jobs)}] {line}", end="", file=sys.stderr,
                       flush=True)
-        results.append(run_benchmark(trace, alpha, seeds, routers, progress, first_seed))
+        results.append(
+            run_benchmark(trace, alpha, seeds, routers, progress, first_seed, labels))
         if tty:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print_table(results[-1].summary)

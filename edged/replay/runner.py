@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 
 from edged.replay import baselines
-from edged.replay.simulate import Outcome, run_router
+from edged.replay.simulate import LabelModel, Outcome, run_router
 from edged.replay.trace import Trace
 from edged.router import RouterConfig
 
@@ -65,10 +65,12 @@ def run_benchmark(
     routers: Mapping[str, ConfigFactory] | None = None,
     progress: Callable[[str], None] | None = None,
     first_seed: int = 0,
+    labels: LabelModel | None = None,
 ) -> BenchmarkResult:
     """All policies on `seeds` shuffles of `trace` (seeds first_seed, first_seed + 1, ...; a
     later range is a held-out check of settings chosen on the first). `routers` maps policy
-    name to config maker (default: `messplus` faithful and `edged`)."""
+    name to config maker (default: `messplus` faithful and `edged`); `labels` says which
+    labels the routers get (default: all; the baselines are hindsight and need none)."""
     routers = dict(routers or {"messplus": paper_factory(), "edged": edged_factory()})
     n = len(trace)
     outcomes: dict[str, list[Outcome]] = {}
@@ -80,7 +82,7 @@ def run_benchmark(
         order = np.random.default_rng(seed).permutation(n)
         shuffled = trace.subset(order)
         runs: dict[str, Callable[[], Outcome]] = {
-            name: partial(run_router, shuffled, factory(alpha, seed))
+            name: partial(run_router, shuffled, factory(alpha, seed), labels)
             for name, factory in routers.items()
         }
         runs["random"] = partial(baselines.random_mix, shuffled, uniform, seed)
@@ -97,6 +99,7 @@ def run_benchmark(
             outcomes.setdefault(name, []).append(run())
     summary = _summary(trace, alpha, seeds, outcomes)
     summary["first_seed"] = first_seed
+    summary["labels"] = asdict(labels or LabelModel())
     summary["unreachable"] = unreachable(trace, alpha)
     summary["task_mix_plan"] = {
         k: {"models": [trace.models[i], trace.models[j]], "share_second": x}

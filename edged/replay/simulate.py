@@ -25,14 +25,51 @@ class Outcome:
     predictions: np.ndarray | None = None  # (K, 2) predicted probability, label (calibration)
 
 
+#: Answer options per benchmark of the MESS+ traces: two wrong answers of a multiple-choice
+#: question agree with probability 1 / (choices - 1) in the agreement model.
+CHOICES = {
+    "arc_challenge": 4, "arc_easy": 4, "boolq": 2, "mmlu_abstract_algebra": 4, "piqa": 2,
+    "sciq": 4, "social_iqa": 3,
+}
+
+
+@dataclass(frozen=True)
+class LabelModel:
+    """Which labels the simulated router gets.
+
+    source "reference": every model that ran is labelled with its true label, on a request
+    with probability `sparsity` (1: always; the paper's feedback sparsity).
+    source "agreement": the traces hold correctness, not answers, so agreement is simulated:
+    when the top model ran, each other model that ran is labelled 1 if both were right, 0 if
+    exactly one was, and, if both were wrong, 1 with probability 1 / (choices - 1) (two wrong
+    answers of a `choices`-way question picked the same option). The top model gets no label.
+    Real labels of the served model then also come with probability `sparsity` (0: none) and
+    replace its pseudo-label.
+    """
+
+    source: str = "reference"
+    sparsity: float = 1.0
+    choices: int = 4  # for benchmarks missing from CHOICES
+
+    def __post_init__(self) -> None:
+        if self.source not in ("reference", "agreement"):
+            raise ValueError(f"label source {self.source!r}: must be reference or agreement")
+        if not 0.0 <= self.sparsity <= 1.0:
+            raise ValueError(f"label sparsity {self.sparsity!r} must be in [0, 1]")
+        if self.choices < 2:
+            raise ValueError(f"choices {self.choices!r} must be >= 2")
+
+
 def run_router(
     trace: Trace,
     config: RouterConfig,
-    label_rate: float = 1.0,
+    labels: LabelModel | None = None,
     embeddings: np.ndarray | None = None,
 ) -> Outcome:
-    """Drive a real `Router` through the trace in order; labels arrive with `label_rate`.
+    """Drive a real `Router` through the trace in order, labelled as `labels` says (default:
+    every run labelled). Satisfaction is always scored with the trace's true labels.
     `embeddings` (one row per request, in the trace's order) feed a router built for them."""
+    labels = labels or LabelModel()
     dim = 0 if embeddings is None else embeddings.shape[1]
     router = Router(trace.models, config, embedding_dim=dim)
     n, m = trace.labels.shape
@@ -42,7 +79,8 @@ def run_router(
     explored = np.zeros(n, dtype=bool)
     preds: list[tuple[float, float]] = []
     names = trace.models
-    label_coin = np.random.default_rng(config.seed + 7919)
+    kinds = trace.kind_of_rows()
+    coin = np.random.default_rng(config.seed + 7919)
     for i, text in enumerate(trace.texts):
         decision = router.decide(text, embedding=None if embeddings is None else embeddings[i])
         idx = [names.index(name) for name in decision.run]
@@ -52,13 +90,35 @@ def run_router(
             {names[j]: trace.energy_j[i, j] for j in idx},
             {names[j]: trace.latency_s[i, j] for j in idx},
         )
-        sat[i] = trace.labels[i, served]
+        truth = trace.labels[i]
+        sat[i] = truth[served]
         energy[i] = trace.energy_j[i, idx].sum()
         ran[i, idx] = 1.0
         explored[i] = decision.explored
-        if label_rate >= 1.0 or label_coin.random() < label_rate:
-            labels = {names[j]: trace.labels[i, j] for j in idx}
+        real = labels.sparsity >= 1.0 or coin.random() < labels.sparsity
+        if labels.source == "reference":
+            if real:
+                for j in idx:
+                    preds.append((decision.predicted_satisfaction[names[j]], truth[j]))
+                router.observe_labels(decision, {names[j]: truth[j] for j in idx})
+            continue
+        pseudo: dict[str, float] = {}
+        top = m - 1
+        if top in idx:
+            chance = 1.0 / (CHOICES.get(kinds[i], labels.choices) - 1)
             for j in idx:
-                preds.append((decision.predicted_satisfaction[names[j]], trace.labels[i, j]))
-            router.observe_labels(decision, labels)
+                if j == top:
+                    continue
+                both_wrong = truth[j] < 0.5 and truth[top] < 0.5
+                pseudo[names[j]] = float(
+                    (truth[j] >= 0.5) == (truth[top] >= 0.5)
+                    and (not both_wrong or coin.random() < chance))
+            if pseudo:
+                router.observe_labels(decision, pseudo)
+        if labels.sparsity > 0.0 and real:
+            name = names[served]
+            preds.append((decision.predicted_satisfaction[name], truth[served]))
+            old = pseudo.get(name)
+            router.observe_labels(decision, {name: truth[served]},
+                                  replaces=None if old is None else {name: old})
     return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 2))

@@ -57,6 +57,15 @@ class RouterConfig:
     shared_head: a weight vector shared by all models (difficulty is shared) plus one per model.
     energy_head, energy_learning_rate: predict each request's joules per model (the running
         mean times a learned per-request factor, see `EnergyHead`) instead of the mean alone.
+    unlabelled_z: standard errors of the unlabelled requests' unknown mean that the target
+        keeps above alpha when only a share of requests is labelled (see
+        `Router._unlabelled_margin`); 0 aims at alpha on the labelled requests alone.
+    top_prior: the top model's prior satisfaction (worth prior_strength labels) in place of the
+        chained prior: 1.0 when agreement with the top model is the label source, since its
+        answers are the reference; real labels for it override the prior as they come.
+    label_need: with > 0, an exploring run of the top model is added with probability
+        `min(1, label_need / sqrt(1 + n))`, n the served model's labels: when exploration is
+        the only source of labels (agreement), their rate follows how few there are.
     energy_budget_j: optional mean joules per request, enforced by a second virtual queue.
     latency_sigma: a deadline skips models whose mean + sigma * std latency exceeds it.
     """
@@ -90,6 +99,9 @@ class RouterConfig:
     learning_rate: float = 0.1
     energy_head: bool = True
     energy_learning_rate: float = 0.05
+    unlabelled_z: float = 2.0
+    top_prior: float | None = None
+    label_need: float = 0.0
     energy_budget_j: float | None = None
     latency_sigma: float = 1.0
 
@@ -134,6 +146,12 @@ class RouterConfig:
             raise bad("learning_rate", "must be > 0")
         if not self.energy_learning_rate > 0.0:
             raise bad("energy_learning_rate", "must be > 0")
+        if self.top_prior is not None and not 0.0 <= self.top_prior <= 1.0:
+            raise bad("top_prior", "must be in [0, 1] or None")
+        if not self.unlabelled_z >= 0.0:
+            raise bad("unlabelled_z", "must be >= 0")
+        if not self.label_need >= 0.0:
+            raise bad("label_need", "must be >= 0")
         if self.energy_budget_j is not None and not self.energy_budget_j > 0.0:
             raise bad("energy_budget_j", "must be > 0 or None")
         if self.ladder_ucb < 0.0:
@@ -152,7 +170,17 @@ class RouterConfig:
             signed_queue=False, lp_prior=False, calibration=False,
             shared_head=False, prior_strength=2.0, prior_step=0.0, ladder=False,
             ladder_per_request=False, prior_floor=False, lp_current_rates=False,
-            energy_head=False,
+            energy_head=False, unlabelled_z=0.0,
+        )
+
+    def for_agreement(self) -> RouterConfig:
+        """These settings with agreement as a label source: the top model is the reference
+        (`top_prior` 1 unless set) and exploration follows the label need (`label_need` 0.5
+        unless set), since exploring the top model is then where labels come from."""
+        return replace(
+            self,
+            top_prior=1.0 if self.top_prior is None else self.top_prior,
+            label_need=self.label_need or 0.5,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -143,8 +143,10 @@ class Predictor:
         prior_strength: float = 2.0,
         prior_step: float = 0.0,
         prior_floor: bool = False,
+        top_prior: float | None = None,
     ) -> None:
         self.prior_floor = prior_floor
+        self.top_prior = top_prior
         self.n_models = n_models
         self.dim_bits = dim_bits
         self.extra_dim = extra_dim
@@ -175,6 +177,10 @@ class Predictor:
             if self.prior_step > 0.0:  # chained prior; prior_step 0 keeps every Beta(1, 1)
                 prior = min(rates[m] + self.prior_step, 0.999)
                 strength = self.prior_strength
+        if self.top_prior is not None:  # the top model is the reference (agreement labels)
+            top = self.n_models - 1
+            rates[top] = (self.hits[top] + self.prior_strength * self.top_prior) / (
+                self.labels[top] + self.prior_strength)
         self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
         self._base = np.log(self.rates / (1.0 - self.rates))
 
@@ -231,9 +237,10 @@ class Predictor:
         out[1] = _sigmoid(self._base + self.residuals(features))
         w = self.expert_weights()
         gains = self.gains()
+        unchained = 0 if self.top_prior is None else self.n_models - 1
         for m in range(self.n_models):
-            out[2, m] = self.rates[m] if m == 0 else min(max(out[3, m - 1] + gains[m], 1e-3),
-                                                          1.0 - 1e-3)
+            out[2, m] = self.rates[m] if m in (0, unchained) else min(
+                max(out[3, m - 1] + gains[m], 1e-3), 1.0 - 1e-3)
             out[3, m] = w[:, m] @ out[:3, m]
         return out
 

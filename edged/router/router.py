@@ -83,7 +83,7 @@ class Router:
             learning_rate=cfg.learning_rate,
             shared=cfg.shared_head, calibration=cfg.calibration,
             prior_strength=cfg.prior_strength, prior_step=cfg.prior_step,
-            prior_floor=cfg.prior_floor,
+            prior_floor=cfg.prior_floor, top_prior=cfg.top_prior,
         )
         self.energy = RunningStats(len(names))
         self.energy_head = EnergyHead(
@@ -152,7 +152,7 @@ class Router:
             margin = cfg.margin * t**-cfg.margin_decay
             if cfg.margin_scaled:
                 margin *= 2.0 * math.sqrt(cfg.alpha * (1.0 - cfg.alpha))
-            target = min(1.0, cfg.alpha + margin)
+            target = min(1.0, cfg.alpha + margin + self._unlabelled_margin(cfg.alpha, t))
         if cfg.V == "auto":  # one scale for every request, so per-request joules compare
             v = cfg.v_auto * t**cfg.v_growth
             scale = self._energy_estimate().max()
@@ -192,7 +192,11 @@ class Router:
         elif cfg.explore_runs == "all":
             runs = ok if self.rng.random() < p_t else np.arange(len(ok)) == choice
         else:
-            runs = ok & (self.rng.random(len(ok)) < self._lean_probability(choice, energy_j, p_t))
+            chance = self._lean_probability(choice, energy_j, p_t)
+            if cfg.label_need > 0.0:
+                need = cfg.label_need / math.sqrt(1.0 + self.predictor.labels[choice])
+                chance[-1] = max(chance[-1], min(1.0, need))
+            runs = ok & (self.rng.random(len(ok)) < chance)
             runs[choice] = True
         run_idx = np.flatnonzero(runs)
         explored = run_idx.size > 1
@@ -210,6 +214,20 @@ class Router:
             predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
             features=features,
         )
+
+    def _unlabelled_margin(self, alpha: float, t: int) -> float:
+        """Surplus for what no label shows: with a share rho of served requests labelled, the
+        true mean of the unlabelled rest is only known to sqrt(alpha (1 - alpha) (1 - rho) /
+        (rho T)); aiming `z / 2 * sqrt(alpha (1 - alpha) (1 - rho) / rho) / sqrt(t)` above
+        alpha puts z of those standard errors between the final mean and alpha. 0 when every
+        request is labelled (the deficit then corrects what it sees); at most halfway from
+        alpha to 1 (with no labels at all nothing can be guaranteed; edged leans safe)."""
+        z = self.config.unlabelled_z
+        if not z or t < 2:
+            return 0.0
+        rho = min(1.0, max(self.served_labels, 1) / (t - 1))
+        margin = 0.5 * z * math.sqrt(alpha * (1.0 - alpha) * (1.0 - rho) / rho / t)
+        return min(margin, 0.5 * (1.0 - alpha))  # with next to no labels: halfway to 1
 
     def _ladder_cap(self, sat: np.ndarray, target: float, t: int) -> int:
         """The dearest model the deficit may escalate to: the second cheapest, or past a model
@@ -302,10 +320,18 @@ class Router:
         lam = min(lam, messplus.first_upgrade_slope(energy.mean(axis=0), recent.mean(axis=0)))
         self.lam = lam
 
-    def observe_labels(self, decision: Decision, labels: Mapping[str, bool | float]) -> None:
+    def observe_labels(
+        self,
+        decision: Decision,
+        labels: Mapping[str, bool | float],
+        replaces: Mapping[str, float] | None = None,
+    ) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
 
-        Trains the predictor on every label; moves the queue with the served model's label.
+        Trains the predictor on every label; moves the queue with the served model's label (the
+        queue moves only on labels: with sparse labels, see `_unlabelled_margin`). `replaces`:
+        earlier labels of this request that these override (a real label after a pseudo-label):
+        the queue and the served statistics take the new value instead of the old one.
         """
         checked = []
         for name, value in labels.items():
@@ -322,12 +348,19 @@ class Router:
                 self.predictor.observe_pair(m, label, given[m - 1])
         served = self._index[decision.model]
         for m, label in checked:
-            if m == served:
-                self.served_labels += 1
-                self.served_satisfaction += label
-                if decision.target is not None:
-                    self.q = messplus.update_queue(self.q, decision.target, label)
-                    self.debt += decision.target - label
+            if m != served:
+                continue
+            old = (replaces or {}).get(decision.model)
+            if old is not None:  # the served statistics and the queue take the new value
+                self.served_satisfaction += label - old
+                self.debt += old - label
+                self.q = max(0.0, self.q + old - label)
+                continue
+            self.served_labels += 1
+            self.served_satisfaction += label
+            if decision.target is not None:
+                self.q = messplus.update_queue(self.q, decision.target, label)
+                self.debt += decision.target - label
 
     def warm_start(
         self,
