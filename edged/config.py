@@ -60,6 +60,17 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """[labels]: where satisfaction labels come from (docs/daemon.md, "Label sources")."""
+
+    sources: tuple[str, ...] = ("reference", "feedback")
+    agreement_checker: str | None = None   # None: the zoo's checker, or text similarity
+    similarity: float = 0.85               # free-text agreement threshold (difflib ratio)
+    judge_model: str | None = None
+    judge_template: str | None = None      # {prompt} and {reply}; None: the built-in one
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -67,6 +78,7 @@ class Config:
     router: dict[str, Any] = field(default_factory=dict)   # RouterConfig keyword arguments
     models: ModelsConfig = field(default_factory=ModelsConfig)
     checker: str | None = None           # None: the manifest's checker
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     def where(self, key: str) -> str:
         """`file: key`, for errors found after parsing (an unknown checker or router field)."""
@@ -218,6 +230,23 @@ def _models(s: _Section) -> ModelsConfig:
     return ModelsConfig(manifest=manifest, dirs=paths)
 
 
+def _labels(s: _Section) -> LabelsConfig:
+    sources = s.get("sources", list, ["reference", "feedback"])
+    if not sources or not all(isinstance(x, str) and x for x in sources):
+        raise s.error("sources", "must be a non-empty list of source names")
+    if len(set(sources)) != len(sources):
+        raise s.error("sources", "lists a source twice")
+    out = LabelsConfig(
+        sources=tuple(sources),
+        agreement_checker=s.get("agreement_checker", str, None),
+        similarity=s.number("similarity", 0.85, 0.0, 1.0) or 0.0,
+        judge_model=s.get("judge_model", str, None),
+        judge_template=s.get("judge_template", str, None),
+    )
+    s.finish()
+    return out
+
+
 def parse_config(
     data: dict[str, Any], source: str = "<config>", base: Path | None = None
 ) -> Config:
@@ -236,13 +265,14 @@ def parse_config(
     models = _models(_Section(source, "models", data.get("models", {}), base))
     labels = _Section(source, "labels", data.get("labels", {}), base)
     checker = labels.get("checker", str, None)
-    labels.finish()
+    label_config = _labels(labels)
     env = os.environ.get(ENDPOINT_ENV)
     if env:
         validate_endpoint(env, f"${ENDPOINT_ENV}", "value")
         server = replace(server, endpoint=env)
     return Config(
-        source=source, server=server, energy=energy, router=router, models=models, checker=checker
+        source=source, server=server, energy=energy, router=router, models=models,
+        checker=checker, labels=label_config,
     )
 
 

@@ -104,6 +104,8 @@ def run_router(
             continue
         pseudo: dict[str, float] = {}
         top = m - 1
+        if served == top:
+            router.observe_reference(decision)
         if top in idx:
             chance = 1.0 / (CHOICES.get(kinds[i], labels.choices) - 1)
             for j in idx:
@@ -114,11 +116,12 @@ def run_router(
                     (truth[j] >= 0.5) == (truth[top] >= 0.5)
                     and (not both_wrong or coin.random() < chance))
             if pseudo:
-                router.observe_labels(decision, pseudo)
+                router.observe_labels(decision, pseudo, weight=1.0 / decision.top_chance)
         if labels.sparsity > 0.0 and real:
             name = names[served]
             preds.append((decision.predicted_satisfaction[name], truth[served]))
             old = pseudo.get(name)
             router.observe_labels(decision, {name: truth[served]},
-                                  replaces=None if old is None else {name: old})
+                                  replaces=None if old is None else {name: old},
+                                  weight=1.0 if old is None else 1.0 / decision.top_chance)
     return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 2))

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 ExploreRuns = Literal["all", "lean"]
+ExploreServes = Literal["dearest", "choice"]
 
 
 class RouterConfigError(ValueError):
@@ -23,6 +24,10 @@ class RouterConfig:
     c, explore_exponent: exploration coin `min(1, c / t**explore_exponent)` (paper: 1/4).
     explore_runs: "all" runs the whole zoo with probability p_t (paper); "lean" runs each
         other model k with probability `min(1, p_t * E_choice / E_k)` (cost-proportional).
+    explore_serves: what an exploring decision serves: "dearest", the dearest model that ran
+        (the paper), or "choice", the model the objective chose, the others running beside it
+        only to be labelled. With agreement labels the top model is the reference, so only
+        "choice" gives the served model a label (and moves the queue).
     margin, margin_decay: aim at `alpha + margin * t**-margin_decay` so that the final mean
         clears alpha despite the queue backlog Q_T / T.
     margin_scaled: multiply the margin by the label spread `2 sqrt(alpha (1 - alpha))` (1 at
@@ -76,6 +81,7 @@ class RouterConfig:
     seed: int = 0
     explore_exponent: float = 0.5
     explore_runs: ExploreRuns = "lean"
+    explore_serves: ExploreServes = "dearest"
     v_auto: float = 3.0
     v_growth: float = 0.0
     margin: float = 0.13
@@ -124,6 +130,8 @@ class RouterConfig:
             raise bad("explore_exponent", "must be > 0")
         if self.explore_runs not in ("all", "lean"):
             raise bad("explore_runs", 'must be "all" or "lean"')
+        if self.explore_serves not in ("dearest", "choice"):
+            raise bad("explore_serves", 'must be "dearest" or "choice"')
         if not self.v_auto > 0.0:
             raise bad("v_auto", "must be > 0")
         if not 0.0 <= self.v_growth <= 1.0:
@@ -175,12 +183,13 @@ class RouterConfig:
 
     def for_agreement(self) -> RouterConfig:
         """These settings with agreement as a label source: the top model is the reference
-        (`top_prior` 1 unless set) and exploration follows the label need (`label_need` 0.5
-        unless set), since exploring the top model is then where labels come from."""
+        (`top_prior` 1 unless set), exploration follows the label need (`label_need` 1.0
+        unless set), since exploring the top model is then where labels come from, and an
+        exploring decision serves its choice, which the top model's answer then labels."""
         return replace(
-            self,
+            self, explore_serves="choice",
             top_prior=1.0 if self.top_prior is None else self.top_prior,
-            label_need=self.label_need or 0.5,
+            label_need=self.label_need or 1.0,
         )
 
     def with_(self, **changes: Any) -> RouterConfig:

@@ -46,6 +46,9 @@ class Decision:
     predicted_energy_j: dict[str, float]
     predicted_latency_s: dict[str, float]
     features: Features = field(repr=False, compare=False)
+    #: chance that the top model ran beside the served one: agreement labels of the served
+    #: model come only then, so the queue weighs them by its inverse (unbiased deficit)
+    top_chance: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (msgpack/JSON), without the feature vector: the route explanation."""
@@ -187,10 +190,13 @@ class Router:
         ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
         ok[choice] = True
         p_t = messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
+        top = len(self.names) - 1
+        top_chance = 1.0
         if not self.energy.known():  # cold start: measure every model once
             runs = ok
         elif cfg.explore_runs == "all":
             runs = ok if self.rng.random() < p_t else np.arange(len(ok)) == choice
+            top_chance = 1.0 if choice == top else p_t
         else:
             chance = self._lean_probability(choice, energy_j, p_t)
             if cfg.label_need > 0.0:
@@ -198,10 +204,12 @@ class Router:
                 chance[-1] = max(chance[-1], min(1.0, need))
             runs = ok & (self.rng.random(len(ok)) < chance)
             runs[choice] = True
+            top_chance = 1.0 if choice == top else float(chance[top] if ok[top] else 0.0)
         run_idx = np.flatnonzero(runs)
         explored = run_idx.size > 1
         if explored:
-            choice = int(run_idx[-1])  # serve the dearest model that ran, as the paper does
+            if cfg.explore_serves == "dearest":
+                choice = int(run_idx[-1])  # serve the dearest model that ran, as the paper does
             self.explorations += 1
         self.calls[run_idx] += 1
         self.served[choice] += 1
@@ -212,7 +220,7 @@ class Router:
             predicted_satisfaction=dict(zip(names, sat.tolist(), strict=True)),
             predicted_energy_j=dict(zip(names, energy_j.tolist(), strict=True)),
             predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
-            features=features,
+            features=features, top_chance=top_chance,
         )
 
     def _unlabelled_margin(self, alpha: float, t: int) -> float:
@@ -325,6 +333,7 @@ class Router:
         decision: Decision,
         labels: Mapping[str, bool | float],
         replaces: Mapping[str, float] | None = None,
+        weight: float = 1.0,
     ) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
 
@@ -332,7 +341,11 @@ class Router:
         queue moves only on labels: with sparse labels, see `_unlabelled_margin`). `replaces`:
         earlier labels of this request that these override (a real label after a pseudo-label):
         the queue and the served statistics take the new value instead of the old one.
+        `weight`: how many served requests the served model's label stands for in the queue
+        (1 / the chance it was labelled, for labels that come only with some exploration).
         """
+        if not (math.isfinite(weight) and weight > 0.0):
+            raise RouterError(f"label weight must be finite and > 0, got {weight!r}")
         checked = []
         for name, value in labels.items():
             label = self._number("label", name, value)
@@ -353,14 +366,24 @@ class Router:
             old = (replaces or {}).get(decision.model)
             if old is not None:  # the served statistics and the queue take the new value
                 self.served_satisfaction += label - old
-                self.debt += old - label
-                self.q = max(0.0, self.q + old - label)
+                self.debt += weight * (old - label)
+                self.q = max(0.0, self.q + weight * (old - label))
                 continue
-            self.served_labels += 1
-            self.served_satisfaction += label
-            if decision.target is not None:
-                self.q = messplus.update_queue(self.q, decision.target, label)
-                self.debt += decision.target - label
+            self._served_outcome(decision, label, weight)
+
+    def observe_reference(self, decision: Decision) -> None:
+        """The served model is the reference of the labels (the top model, with agreement as
+        the source): its answer satisfies the agreement SLA by definition, so the request
+        counts in the queue and the served satisfaction as a 1. Nothing is learned: it is not
+        a label of the model's quality."""
+        self._served_outcome(decision, 1.0, 1.0)
+
+    def _served_outcome(self, decision: Decision, label: float, weight: float) -> None:
+        self.served_labels += 1
+        self.served_satisfaction += label
+        if decision.target is not None:
+            self.q = max(0.0, self.q + weight * (decision.target - label))
+            self.debt += weight * (decision.target - label)
 
     def warm_start(
         self,

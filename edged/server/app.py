@@ -52,6 +52,7 @@ from edged.router import Router, RouterConfig, RouterConfigError, StateError
 from edged.router.state import StateUnreadableError
 from edged.server.engine import Engine, Job
 from edged.server.journal import Journal, JournalError, file_digest
+from edged.server.labels import LabelConfigError, LabelSources, build_label_sources
 from edged.server.outbox import Outbox
 from edged.server.sdnotify import Notifier
 from edged.server.security import (
@@ -159,6 +160,23 @@ def build_checker(config: Config, zoo: Zoo) -> Any:
         return get_checker(name)
     except UnknownCheckerError as exc:
         raise StartupError(f"{config.where('[labels] checker')}: {exc}") from None
+
+
+def build_labels(config: Config, zoo: Zoo, rconf: RouterConfig) -> tuple[LabelSources,
+                                                                           RouterConfig]:
+    """[labels] as LabelSources; with agreement, the router config it needs (the top model
+    is the reference, exploration follows the label need)."""
+    lab = config.labels
+    try:
+        sources = build_label_sources(
+            lab.sources, checker_name=config.checker or zoo.manifest.checker or "exact",
+            agreement_checker=lab.agreement_checker, similarity_threshold=lab.similarity,
+            judge_model=lab.judge_model, judge_template=lab.judge_template,
+            zoo_names=zoo.names,
+        )
+    except LabelConfigError as exc:
+        raise StartupError(f"{config.source}: {exc}") from None
+    return sources, rconf.for_agreement() if sources.uses("agreement") else rconf
 
 
 def zoo_key(names: list[str]) -> str:
@@ -305,6 +323,7 @@ class Server:
         devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
         rconf = build_router_config(self.config)
         checker = build_checker(self.config, zoo)
+        labels, rconf = build_labels(self.config, zoo, rconf)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -332,7 +351,7 @@ class Server:
         self._sock = self._make_socket(server)
         self._outbox = Outbox(self._sock, lambda identity: self.engine.vanished(identity))
         self.engine = Engine(
-            zoo, router, meter, checker,
+            zoo, router, meter, checker, labels=labels,
             emit=self._emit, queue_size=server.queue_size, devices=devices,
             fallback_meter=self._fallback,
         )
@@ -605,6 +624,7 @@ class Server:
                 zoo = self.engine.zoo
             rconf = build_router_config(new)
             checker = build_checker(new, zoo)
+            labels, rconf = build_labels(new, zoo, rconf)
             # what the next start would refuse is refused now, not reported as "reloaded"
             check_endpoint(new.server.endpoint or default_endpoint(), new.server)
         except (ConfigError, StartupError, SecurityError) as exc:
@@ -652,6 +672,7 @@ class Server:
             engine.devices = {n: device_of(zoo.get(n).provider) for n in zoo.names}
             old_zoo, engine.zoo = engine.zoo, zoo
             engine.checker = checker
+            engine.labels = labels
         if old_zoo is not zoo:
             old_zoo.close()  # a generation still running on it keeps its session until done
         engine.set_queue_size(new.server.queue_size)

@@ -42,6 +42,7 @@ from edged.protocol import (
 )
 from edged.router import Decision, Router, RouterError
 from edged.server.journal import Entry, Journal, JournalError, file_digest
+from edged.server.labels import PSEUDO, SOURCES, LabelSources, parse_judge
 from edged.zoo import (
     GenerationParams,
     GenerationResult,
@@ -77,6 +78,10 @@ class Job:
             self.cancel.set()
 
 
+#: journal source of a request the agreement reference (top model) served: no label, a queue
+#: entry (see `Router.observe_reference`)
+SERVED_REFERENCE = "served-reference"
+
 #: how the reply accounts for exploration energy (the reply's `exploration_energy` field)
 EXPLORATION_ENERGY = "after_reply"
 
@@ -92,6 +97,9 @@ class _Finished:
     ran: set[str] = field(default_factory=set)        # finished: may be labelled
     pending: set[str] = field(default_factory=set)    # exploration queued or running
     labelled: set[str] = field(default_factory=set)
+    texts: dict[str, str] = field(default_factory=dict)        # each finished run's reply
+    sources: dict[str, str] = field(default_factory=dict)      # label source per model
+    values: dict[str, float] = field(default_factory=dict)     # label per model
 
 
 @dataclass
@@ -116,6 +124,12 @@ class _ModelStats:
     exploration_joules: float = 0.0
     labels: int = 0
     satisfied: int = 0
+    labels_reference: int = 0
+    labels_feedback: int = 0
+    labels_agreement: int = 0
+    labels_judge: int = 0
+    judge_calls: int = 0
+    judge_joules: float = 0.0
 
 
 @dataclass(eq=False)
@@ -131,11 +145,12 @@ class _Routed:
 
 @dataclass(eq=False)
 class _Exploration:
-    """One model of an exploring decision, run after the reply."""
+    """One model of an exploring decision, or a judge, run after the reply."""
 
     job: Job                             # a copy with its own cancel event and no deadline
     finished: _Finished
     model: str
+    judged: str | None = None            # a judge run: the model whose reply it judges
 
 
 class Tasks:
@@ -222,6 +237,7 @@ class Engine:
         meter: EnergyMeter,
         checker: Checker,
         *,
+        labels: LabelSources | None = None,
         emit: Emit,
         queue_size: int,
         devices: dict[str, str],
@@ -233,6 +249,7 @@ class Engine:
         #: measures devices `meter` does not see (a CPU model beside NVML): an estimate
         self.fallback_meter = fallback_meter
         self.checker = checker
+        self.labels = labels or LabelSources()
         self.devices = devices
         self.router_lock = threading.Lock()
         self.router_dirty = False
@@ -422,7 +439,12 @@ class Engine:
                 f"request {rid!r} named its model, so it bypassed routing: nothing to label",
                 request.id,
             )
+        if not self.labels.uses("feedback"):
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                "feedback is not a label source of this daemon ([labels] sources)",
+                                request.id)
         labels = request.labels or {request.model or finished.primary: bool(request.satisfied)}
+        replaces: dict[str, float] = {}
         for name in labels:
             if name in finished.pending:
                 raise ProtocolError(
@@ -438,13 +460,19 @@ class Engine:
                     request.id,
                 )
             if name in finished.labelled:
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST,
-                    f"request {rid!r} already has a label for {name!r}",
-                    request.id,
-                )
-        durable = self._observe_labels(finished, labels)
-        return {"request_id": rid, "labels": labels, "durable": durable}
+                if finished.sources.get(name) not in PSEUDO:
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST,
+                        f"request {rid!r} already has a label for {name!r}",
+                        request.id,
+                    )
+                replaces[name] = finished.values[name]  # a real label overrides a pseudo one
+        weight = 1.0
+        if finished.decision.model in replaces:  # it takes the pseudo-label's place and weight
+            weight = 1.0 / max(finished.decision.top_chance, 1e-9)
+        durable = self._observe_labels(finished, labels, "feedback", replaces, weight)
+        return {"request_id": rid, "labels": labels, "source": "feedback", "durable": durable,
+                "replaced": sorted(replaces)}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -527,14 +555,19 @@ class Engine:
             raise Stopped(job.reason or ErrorCode.CANCELLED,
                           _stopped_message(job.reason, out.result), req.id, out.result.text)
         finished = _Finished(decision=decision, dim_bits=routed.dim_bits, primary=primary,
-                             ran={primary}, text=req.text() if decision is not None else "")
+                             ran={primary}, text=req.text() if decision is not None else "",
+                             texts={primary: out.result.text})
         explore = [
             _Exploration(replace(job, cancel=threading.Event(), reason=None, deadline=math.inf),
                          finished, name)
             for name in routed.run[1:]
         ]
-        finished.pending.update(task.model for task in explore)
+        judge = self._judge_task(job, finished)
+        if judge is not None:
+            explore.append(judge)
+        finished.pending.update(task.model for task in explore if task.judged is None)
         self._learn(finished, primary, out, req.reference)
+        self._served_reference(finished)
         with self._lock:
             self._finished[req.id] = finished
             self._finished.move_to_end(req.id)
@@ -543,15 +576,53 @@ class Engine:
             self.completed += 1
         reply = ok_reply(req.id, **_output_fields(out, primary, routed.queue_ms))
         reply["route"] = _route_fields(decision)
-        if req.reference is not None:
+        if req.reference is not None and self.labels.uses("reference"):
             reply["labels"] = {primary: bool(self.checker(out.result.text, req.reference))}
-        if explore:
-            reply["exploration"] = [{"model": t.model, "status": "queued"} for t in explore]
+            reply["label_source"] = "reference"
+        runs = [t for t in explore if t.judged is None]
+        if runs:
+            reply["exploration"] = [{"model": t.model, "status": "queued"} for t in runs]
             reply["exploration_energy"] = EXPLORATION_ENERGY
+        if judge is not None:
+            reply["judge"] = {"model": judge.model, "status": "queued"}
         return reply, explore
+
+    def _served_reference(self, finished: _Finished) -> None:
+        """With agreement labels, a request the top model served counts in the queue as
+        agreeing (its answer is the reference); journalled so a restart keeps the queue."""
+        if not self.labels.uses("agreement") or finished.decision is None:
+            return
+        with self.router_lock:
+            router = self._router_for(finished)
+            if router is None or finished.primary != router.names[-1]:
+                return
+            if self.journal is not None:
+                with contextlib.suppress(JournalError):
+                    self.journal.append(finished.text, finished.decision.model,
+                                        finished.decision.target, {}, SERVED_REFERENCE)
+            router.observe_reference(finished.decision)
+            self.router_dirty = True
+
+    def _judge_task(self, job: Job, finished: _Finished) -> _Exploration | None:
+        """A judge run for the served reply, when the judge is a label source and no reference
+        labels the request."""
+        judge = self.labels.judge_model
+        req = job.request
+        if (judge is None or not self.labels.uses("judge") or finished.decision is None
+                or (req.reference is not None and self.labels.uses("reference"))):
+            return None
+        prompt = self.labels.judge_prompt(req.text(), finished.texts[finished.primary])
+        request = replace(req, prompt=prompt, messages=None, stream=False, reference=None,
+                          max_new_tokens=self.labels.judge_max_new_tokens, temperature=0.0,
+                          stop=None, seed=None)
+        return _Exploration(replace(job, request=request, cancel=threading.Event(), reason=None,
+                                    deadline=math.inf), finished, judge, judged=finished.primary)
 
     def _explore(self, task: _Exploration) -> None:
         """One exploration run after the reply: its joules and label teach the router."""
+        if task.judged is not None:
+            self._judge(task)
+            return
         name, finished, req = task.model, task.finished, task.job.request
         with self._lock:
             self._exploring.add(task)
@@ -570,11 +641,59 @@ class Engine:
                     self._learn(finished, name, out, req.reference)
                     with self._lock:
                         finished.ran.add(name)
+                        finished.texts[name] = out.result.text
         finally:
             with self._lock:
                 finished.pending.discard(name)
                 self._exploring.discard(task)
                 self.explorations_done += 1
+                last = not finished.pending
+        if last:
+            self._agree(finished)
+
+    def _agree(self, finished: _Finished) -> None:
+        """Agreement pseudo-labels once every run of an exploring decision is in: the zoo's
+        top model's reply is the reference for the others (not labelled by a real source)."""
+        if not self.labels.uses("agreement") or finished.decision is None:
+            return
+        with self.router_lock:
+            top = self.router.names[-1]
+        with self._lock:
+            texts = {n: t for n, t in finished.texts.items() if n in finished.ran}
+            skip = set(finished.labelled)
+        labels = self.labels.agreement(texts, top, skip)
+        if labels:
+            weight = 1.0
+            if finished.decision.model in labels:  # stands for the served requests unexplored
+                weight = 1.0 / max(finished.decision.top_chance, 1e-9)
+            self._observe_labels(finished, labels, "agreement", weight=weight)
+
+    def _judge(self, task: _Exploration) -> None:
+        """A judge run: its yes/no labels the served reply, unless a real label came first."""
+        finished, judged = task.finished, task.judged
+        assert judged is not None
+        with self._lock:
+            self._exploring.add(task)
+        out = None
+        try:
+            out = self._generate(task.model, task.job, stream=False)
+        except Exception as exc:  # a failed judge costs a label, never the daemon
+            log.warning("request %s: judge %s failed: %s", task.job.request.id, task.model, exc)
+        finally:
+            with self._lock:
+                self._exploring.discard(task)
+        if out is None:
+            return
+        joules = out.joules
+        with self.router_lock:
+            stats = self._stats.setdefault(task.model, _ModelStats())
+            stats.judge_calls += 1
+            stats.judge_joules += joules or 0.0
+        verdict = parse_judge(out.result.text)
+        with self._lock:
+            taken = judged in finished.labelled
+        if verdict is not None and not taken and out.result.finish_reason != "cancelled":
+            self._observe_labels(finished, {judged: verdict}, "judge")
 
     def _learn(self, finished: _Finished, name: str, out: _Output, reference: str | None) -> None:
         """Joules, seconds and (with a reference) the label of one finished run."""
@@ -587,8 +706,9 @@ class Engine:
                 router.observe_energy(finished.decision, energy_j={name: joules},
                                       latency_s={name: out.result.total_ms / 1000.0})
                 self.router_dirty = True
-        if reference is not None:
-            self._observe_labels(finished, {name: bool(self.checker(out.result.text, reference))})
+        if reference is not None and self.labels.uses("reference"):
+            self._observe_labels(finished, {name: bool(self.checker(out.result.text, reference))},
+                                 "reference")
 
     def _router_for(self, finished: _Finished, *names: str) -> Router | None:
         """The current router, if it can learn from this decision (caller holds router_lock):
@@ -615,35 +735,54 @@ class Engine:
                 stats.explorations += 1
                 stats.exploration_joules += joules or 0.0
 
-    def _observe_labels(self, finished: _Finished, labels: dict[str, bool]) -> bool:
-        """Journal the labels (write-ahead, fsync'ed), then learn them; True when durable."""
+    def _observe_labels(
+        self,
+        finished: _Finished,
+        labels: dict[str, bool],
+        source: str,
+        replaces: dict[str, float] | None = None,
+        weight: float = 1.0,
+    ) -> bool:
+        """Journal the labels (write-ahead, fsync'ed), then learn them; True when durable.
+        `replaces`: pseudo-labels of this request that these real ones override; `weight`: see
+        `Router.observe_labels`."""
         durable = False
         with self.router_lock:
             router = self._router_for(finished, *labels)
             if router is not None:
                 assert finished.decision is not None
-                durable = self._journal(finished, labels)
-                router.observe_labels(finished.decision, labels)
+                durable = self._journal(finished, labels, source, replaces, weight)
+                router.observe_labels(finished.decision, labels, replaces, weight)
                 self.router_dirty = True
                 self.unsaved_labels += len(labels)
             else:
                 log.info("labels %s: the router that decided was replaced by an incompatible "
                          "one; not learned", labels)
-            finished.labelled.update(labels)
+            with self._lock:
+                finished.labelled.update(labels)
+                for name, ok in labels.items():
+                    finished.sources[name] = source
+                    finished.values[name] = float(ok)
             for name, ok in labels.items():
                 stats = self._stats.setdefault(name, _ModelStats())
-                stats.labels += 1
-                stats.satisfied += int(ok)
+                _count_label(stats, source, ok, (replaces or {}).get(name))
         return durable
 
-    def _journal(self, finished: _Finished, labels: dict[str, bool]) -> bool:
+    def _journal(
+        self,
+        finished: _Finished,
+        labels: dict[str, bool],
+        source: str,
+        replaces: dict[str, float] | None,
+        weight: float,
+    ) -> bool:
         """Append to the journal (caller holds router_lock); a failure is logged once per run
         of failures and the label is still learned in memory."""
         if self.journal is None or finished.decision is None:
             return False
         try:
             self.journal.append(finished.text, finished.decision.model,
-                                finished.decision.target, labels)
+                                finished.decision.target, labels, source, replaces, weight)
         except JournalError as exc:
             if not self._journal_failed:
                 log.error("%s: labels are learned but not durable until the next save", exc)
@@ -671,15 +810,18 @@ class Engine:
                 features=router.predictor.featurize(entry.text),
             )
             try:
-                router.observe_labels(decision, entry.labels)
+                if entry.source == SERVED_REFERENCE:
+                    router.observe_reference(decision)
+                    continue
+                router.observe_labels(decision, entry.labels, entry.replaces or None,
+                                      entry.weight)
             except RouterError as exc:
                 log.warning("journal row %d not replayed: %s", entry.seq, exc)
                 continue
             done += 1
             for name, label in entry.labels.items():
                 stats = self._stats.setdefault(name, _ModelStats())
-                stats.labels += 1
-                stats.satisfied += int(label >= 0.5)
+                _count_label(stats, entry.source, label >= 0.5, entry.replaces.get(name))
         if done:
             self.router_dirty = True
             self.unsaved_labels += done
@@ -785,6 +927,9 @@ class Engine:
                     "labels": s.labels,
                     "satisfied": s.satisfied,
                     "satisfaction": s.satisfied / s.labels if s.labels else None,
+                    "labels_by_source": {src: getattr(s, f"labels_{src}") for src in SOURCES},
+                    "judge_calls": s.judge_calls,
+                    "judge_joules": s.judge_joules,
                 }
                 for name, s in self._stats.items()
             }
@@ -796,6 +941,10 @@ class Engine:
             "in_flight": self.in_flight(),
             "exploration": self._exploration_counts(),
             "models": models,
+            "label_sources": sorted(self.labels.sources, key=SOURCES.index),
+            "labels_by_source": {
+                src: sum(m["labels_by_source"][src] for m in models.values()) for src in SOURCES
+            },
             "router": router_stats,
         }
 
@@ -893,6 +1042,18 @@ def _route_fields(decision: Decision | None) -> dict[str, Any]:
     if decision is None:
         return {"routed": False}
     return {"routed": True, **_plain(decision.to_dict())}
+
+
+def _count_label(stats: _ModelStats, source: str, ok: bool, replaced: float | None) -> None:
+    """Per-model label counters; a real label that replaces a pseudo one takes its place in
+    `labels`/`satisfied` and is counted under its own source."""
+    if replaced is None:
+        stats.labels += 1
+    else:
+        stats.satisfied -= int(replaced >= 0.5)
+    stats.satisfied += int(ok)
+    if source in SOURCES:
+        setattr(stats, f"labels_{source}", getattr(stats, f"labels_{source}") + 1)
 
 
 def _plain(value: Any) -> Any:

@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS labels (
     text TEXT NOT NULL,          -- the request text the router featurized
     model TEXT NOT NULL,         -- the served model (decision.model)
     target REAL,                 -- decision.target (None: no satisfaction target)
-    labels TEXT NOT NULL         -- JSON {model: label}
+    labels TEXT NOT NULL,        -- JSON {model: label}
+    source TEXT NOT NULL DEFAULT 'reference',  -- reference, feedback, agreement or judge
+    replaces TEXT NOT NULL DEFAULT '{}',       -- JSON {model: pseudo-label this one overrides}
+    weight REAL NOT NULL DEFAULT 1.0           -- served requests the served label stands for
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -56,6 +59,9 @@ class Entry:
     model: str
     target: float | None
     labels: dict[str, float]
+    source: str = "reference"
+    replaces: dict[str, float] = field(default_factory=dict)
+    weight: float = 1.0
 
 
 def file_digest(path: Path) -> str | None:
@@ -84,6 +90,12 @@ class Journal:
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync each commit: power-loss safe
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(labels)")}
+            for name, spec in (("source", "TEXT NOT NULL DEFAULT 'reference'"),
+                               ("replaces", "TEXT NOT NULL DEFAULT '{}'"),
+                               ("weight", "REAL NOT NULL DEFAULT 1.0")):
+                if name not in columns:  # a journal from before label sources
+                    self._db.execute(f"ALTER TABLE labels ADD COLUMN {name} {spec}")
         except sqlite3.Error as exc:
             raise JournalError(f"label journal {self.path}: {exc}") from None
 
@@ -92,13 +104,18 @@ class Journal:
             self._db.close()
 
     def append(self, text: str, model: str, target: float | None,
-               labels: Mapping[str, float]) -> int:
-        """Commit one decision's labels durably; the row's sequence number."""
-        row = (text, model, target, json.dumps({k: float(v) for k, v in labels.items()}))
+               labels: Mapping[str, float], source: str = "reference",
+               replaces: Mapping[str, float] | None = None, weight: float = 1.0) -> int:
+        """Commit one decision's labels (from `source`, overriding `replaces`) durably; the
+        row's sequence number."""
+        row = (text, model, target, json.dumps({k: float(v) for k, v in labels.items()}),
+               source, json.dumps({k: float(v) for k, v in (replaces or {}).items()}),
+               float(weight))
         try:
             with self._lock:
                 cur = self._db.execute(
-                    "INSERT INTO labels (text, model, target, labels) VALUES (?, ?, ?, ?)", row)
+                    "INSERT INTO labels (text, model, target, labels, source, replaces, weight) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 return int(cur.lastrowid or 0)
         except sqlite3.Error as exc:
             raise JournalError(f"label journal {self.path}: {exc}") from None
@@ -154,17 +171,19 @@ class Journal:
     def entries(self, after: int) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, text, model, target, labels FROM labels WHERE seq > ? "
-                "ORDER BY seq", (after,)).fetchall()
+                "SELECT seq, text, model, target, labels, source, replaces, weight FROM labels "
+                "WHERE seq > ? ORDER BY seq", (after,)).fetchall()
         out = []
-        for seq, text, model, target, labels in rows:
+        for seq, text, model, target, labels, source, replaces, weight in rows:
             try:
                 parsed = {str(k): float(v) for k, v in json.loads(labels).items()}
+                replaced = {str(k): float(v) for k, v in json.loads(replaces).items()}
             except (ValueError, TypeError, AttributeError):
                 log.warning("label journal %s: row %d is unreadable; skipped", self.path, seq)
                 continue
             out.append(Entry(int(seq), str(text), str(model),
-                             None if target is None else float(target), parsed))
+                             None if target is None else float(target), parsed, str(source),
+                             replaced, float(weight)))
         return out
 
     def load_json(self, key: str) -> Any:

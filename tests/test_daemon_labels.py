@@ -1,0 +1,183 @@
+"""Label sources (issue 10): a daemon that never gets a reference learns from agreement with its
+top model, keeps those pseudo-labels across a restart, lets a real label override one, and
+refuses a [labels] setting that cannot work."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zmq
+from test_daemon import REPO, Daemon, finals, send
+
+from edged.config import ConfigError, parse_config
+from edged.server.labels import (
+    LabelConfigError,
+    build_label_sources,
+    parse_judge,
+    similarity,
+    similarity_checker,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+DEMO = REPO / "models" / "demo"
+
+
+def demo_config(state: Path, *, sources: list[str], router: str = "") -> str:
+    return "\n".join([
+        "[server]", f'state_dir = "{state}"', "queue_size = 64", "save_interval_s = 600",
+        "[energy]", 'backend = "estimate"',
+        "[router]", "alpha = 0.8", "seed = 3", router,
+        "[models]", f'manifest = "{DEMO / "zoo.toml"}"',
+        "[labels]", f"sources = {json.dumps(sources)}",
+    ]) + "\n"
+
+
+def prompts(bucket: str) -> list[str]:
+    rows = [json.loads(line) for line in (DEMO / "eval.jsonl").read_text().splitlines()]
+    return [r["prompt"] for r in rows if r["bucket"] == bucket]
+
+
+def run_stream(d: Daemon, texts: list[str], tag: str) -> dict[str, dict]:
+    """Send every prompt (no reference), 16 in flight; the final replies by id."""
+    sock = d.socket(zmq.DEALER)
+    replies: dict[str, dict] = {}
+    try:
+        for start in range(0, len(texts), 16):
+            batch = texts[start:start + 16]
+            for i, text in enumerate(batch):
+                send(sock, {"id": f"{tag}{start + i}", "op": "generate", "prompt": text})
+            finals(sock, start + len(batch), replies)
+    finally:
+        sock.close()
+    return replies
+
+
+def wait_explored(d: Daemon, timeout_s: float = 120.0) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        stats = d.call({"id": "s", "op": "stats"})
+        if stats["exploration"]["queued"] == 0 and stats["exploration"]["running"] == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"explorations never finished: {stats['exploration']}")
+
+
+def test_agreement_labels_change_routing_and_survive_a_kill(tmp_path):
+    easy, hard = prompts("1d"), prompts("3d")
+    stream = [p for pair in zip(easy * 4, hard * 4, strict=True) for p in pair]  # 320 requests
+    d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["agreement"]))
+    try:
+        d.wait_note("READY=1")
+        first = run_stream(d, stream[:160], "a")
+        stats = wait_explored(d)
+        later = run_stream(d, stream[160:], "b")
+        stats = wait_explored(d)
+        agreed = stats["labels_by_source"]["agreement"]
+        assert agreed > 0 and stats["labels_by_source"]["reference"] == 0
+        assert stats["models"]["large"]["labels"] == 0  # the reference gets no invented label
+        assert stats["label_sources"] == ["agreement"]
+        served = Counter(r["model"] for r in later.values())
+        assert len(served) >= 2, served  # it does not serve one model forever
+        by_kind = {kind: Counter(later[f"b{i}"]["model"] for i in range(160) if (i % 2) == k)
+                   for k, kind in enumerate(("easy", "hard"))}
+        # 3-digit sums only the large model gets right: they go to it more than 1-digit ones
+        assert by_kind["hard"]["large"] > by_kind["easy"]["large"], by_kind
+        assert all(r["ok"] for r in [*first.values(), *later.values()])
+        router = stats["router"]
+        d.proc.send_signal(signal.SIGKILL)  # no final save: the journal must carry them
+        d.proc.wait(30)
+    finally:
+        d.close()
+    d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["agreement"]))
+    try:
+        d.wait_note("READY=1")
+        again = d.call({"id": "s", "op": "stats"})
+        assert again["labels_by_source"]["agreement"] == agreed
+        for name in ("small", "medium"):
+            assert again["router"]["models"][name]["labels"] == router["models"][name]["labels"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_real_feedback_overrides_a_pseudo_label(tmp_path):
+    # explore on every request, so each one runs the top model and gets agreement labels
+    router = 'c = 1.0\nexplore_runs = "all"'
+    d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["agreement", "feedback"],
+                                     router=router))
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "r1", "op": "generate", "prompt": "123+456="})
+        assert reply["ok"] and reply["route"]["explored"]
+        wait_explored(d)
+        before = d.call({"id": "s", "op": "stats"})
+        pseudo = before["labels_by_source"]["agreement"]
+        assert pseudo == 2  # small and medium against large
+        fb = d.call({"id": "f", "op": "feedback", "request_id": "r1",
+                     "labels": {"small": True}})
+        assert fb["ok"] and fb["replaced"] == ["small"] and fb["source"] == "feedback"
+        after = d.call({"id": "s", "op": "stats"})
+        assert after["labels_by_source"]["feedback"] == 1
+        assert after["models"]["small"]["labels"] == before["models"]["small"]["labels"]
+        again = d.call({"id": "f2", "op": "feedback", "request_id": "r1",
+                        "labels": {"small": False}})
+        assert not again["ok"] and again["error"]["code"] == "bad_request"
+    finally:
+        assert d.stop() == 0
+
+
+def test_feedback_refused_when_not_a_source(tmp_path):
+    d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["reference"]))
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "r1", "op": "generate", "prompt": "1+2="})
+        fb = d.call({"id": "f", "op": "feedback", "request_id": "r1", "satisfied": True})
+        assert reply["ok"] and not fb["ok"]
+        assert "[labels] sources" in fb["error"]["message"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_bad_label_settings_are_refused_at_start(tmp_path):
+    text = demo_config(tmp_path / "state", sources=["judge"])
+    d = Daemon(tmp_path, text)
+    try:
+        assert d.proc.wait(60) != 0
+        assert "judge_model" in d.log.read_text()
+    finally:
+        d.close()
+
+
+def test_label_settings_and_scorers():
+    with pytest.raises(ConfigError, match="sources"):
+        parse_config({"labels": {"sources": []}})
+    with pytest.raises(ConfigError, match="similarity"):
+        parse_config({"labels": {"similarity": 2}})
+    cfg = parse_config({"labels": {"sources": ["agreement", "feedback"], "similarity": 0.5}})
+    assert cfg.labels.sources == ("agreement", "feedback") and cfg.labels.similarity == 0.5
+    names = ["s", "l"]
+    kwargs = dict(agreement_checker=None, similarity_threshold=0.8, judge_model=None,
+                  judge_template=None, zoo_names=names)
+    with pytest.raises(LabelConfigError, match="unknown nope"):
+        build_label_sources(["nope"], checker_name="exact", **kwargs)
+    with pytest.raises(LabelConfigError, match="two models"):
+        build_label_sources(["agreement"], checker_name="exact",
+                            **{**kwargs, "zoo_names": ["s"]})
+    with pytest.raises(LabelConfigError, match="not in the zoo"):
+        build_label_sources(["judge"], checker_name="exact", **{**kwargs, "judge_model": "x"})
+    with pytest.raises(LabelConfigError, match="judge_template"):
+        build_label_sources(["judge"], checker_name="exact",
+                            **{**kwargs, "judge_model": "l", "judge_template": "{answer}"})
+    numeric = build_label_sources(["agreement"], checker_name="number", **kwargs)
+    assert numeric.agreement({"s": "the sum is 42", "l": "42"}, "l") == {"s": True}
+    free = build_label_sources(["agreement"], checker_name="exact", **kwargs)
+    texts = {"s": "Paris is the capital.", "l": "paris is the capital", "x": "Lyon"}
+    assert free.agreement(texts, "l", skip={"x"}) == {"s": True}
+    assert similarity("Paris.", "paris") == 1.0 and not similarity_checker(0.9)("Lyon", "Paris")
+    assert parse_judge(" Yes, it is") is True and parse_judge("no.") is False
+    assert parse_judge("maybe") is None and parse_judge("") is None
