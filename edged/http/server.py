@@ -7,10 +7,11 @@ start. The key file must be private (no group/other bits), like a CURVE secret k
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edged.http.app import HttpConfig, create_app
@@ -78,6 +79,14 @@ def serve(config: HttpConfig, host: str, port: int, *, log_level: str = "warning
     check_exposure(host, config.api_key)
 
     class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn re-raises SIGTERM after its graceful shutdown (the process then dies
+            by the signal); a drained stop is a clean one: exit 0, as `edged serve` does."""
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
         async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
             await super().startup(sockets)
             if self.started and on_ready is not None:
