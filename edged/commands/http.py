@@ -35,13 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         from edged.http import HttpConfig, HttpConfigError, serve
-        from edged.http.server import check_exposure, load_api_key, parse_listen
+        from edged.http.server import check_exposure, load_api_key, parse_listen, sd_notify
     except ImportError as exc:
         print(f"edged http: {exc.name or exc} is missing: pip install 'edged[http]'",
               file=sys.stderr)
         return EXIT_CONFIG
     from edged.commands.client_cmds import endpoint_of
-    from edged.server.sdnotify import Notifier
 
     try:
         host, port = parse_listen(args.listen)
@@ -55,12 +54,11 @@ def run(args: argparse.Namespace) -> int:
     endpoint = endpoint_of(args)
     config = HttpConfig(endpoint=endpoint, api_key=key, timeout_s=args.timeout,
                         curve_server_key=args.server_key, curve_client_cert=args.client_cert)
-    notifier = Notifier()
 
     def ready(bound: str) -> None:
         print(f"edged http: listening on http://{bound} (daemon {endpoint})", file=sys.stderr,
               flush=True)
-        notifier.ready(f"serving http://{bound}")
+        sd_notify("READY=1", f"STATUS=serving http://{bound}", f"MAINPID={os.getpid()}")
 
     try:
         serve(config, host, port, log_level=args.log_level, on_ready=ready)
@@ -68,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"edged http: cannot listen on {args.listen}: {exc.strerror or exc}",
               file=sys.stderr)
         return EXIT_CONFIG
-    notifier.stopping("stopped")
+    sd_notify("STOPPING=1", "STATUS=stopped")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +68,21 @@ def check_exposure(host: str, api_key: str | None) -> None:
         raise HttpConfigError(
             f"listen address {host!r} is not loopback: give an API key (--api-key-file or "
             "$EDGED_HTTP_API_KEY) so that only clients with it may generate")
+
+
+def sd_notify(*lines: str) -> bool:
+    """systemd's notify protocol, a few lines of it (edged.server's Notifier would import the
+    whole daemon: onnxruntime, numpy, ~40 MiB the front does not need)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, target)
+        return True
+    except OSError:
+        return False
 
 
 def serve(config: HttpConfig, host: str, port: int, *, log_level: str = "warning",
