@@ -166,3 +166,26 @@ def test_listen_and_api_key_rule(tmp_path: Path):
     key.write_text("short")
     with pytest.raises(HttpConfigError, match="16"):
         load_api_key(key)
+
+
+HTTP_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "edged-http.service"
+
+
+def test_http_unit_runs_the_front_after_the_daemon(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    text = HTTP_UNIT.read_text()
+    assert "\nExecStart=/usr/local/bin/edged http --listen 127.0.0.1:8080 " in text
+    assert "\nType=notify\n" in text and "\nRestartPreventExitStatus=2\n" in text
+    assert "\nAfter=edged.service\n" in text and "\nUser=edged\n" in text
+    edged = Path(sys.executable).parent / "edged"
+    if shutil.which("systemd-analyze") is None or not edged.exists():
+        pytest.skip("systemd-analyze or the edged console script is absent")
+    unit = tmp_path / "edged-http.service"
+    unit.write_text(text.replace("/usr/local/bin/edged", str(edged)))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert "edged-http.service" not in proc.stderr, proc.stderr
