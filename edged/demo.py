@@ -32,8 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edged.checkers import Checker, get_checker
 from edged.client import Client, ClientError
 from edged.paths import demo_zoo_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 POLICIES = ("edged", "largest", "smallest", "random")
 
@@ -51,6 +57,9 @@ class DemoConfig:
     seed: int = 0
     energy: str = "auto"
     manifest: Path | None = None
+    #: "reference": every request carries its answer; "agreement": the daemon gets none and
+    #: learns from agreement with the top model (the demo still scores against the answers)
+    labels: str = "reference"
     # RouterConfig fields beyond alpha and seed. The default margin (0.07 / sqrt(t)) fades too fast
     # for a few hundred requests: the mean lands a request or two under alpha; t**-0.25 clears it.
     router: dict[str, float | int | bool | str] = field(
@@ -63,6 +72,8 @@ class DemoConfig:
             raise DemoError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.requests < 1:
             raise DemoError(f"requests must be >= 1, got {self.requests}")
+        if self.labels not in ("reference", "agreement"):
+            raise DemoError(f"labels must be reference or agreement, got {self.labels!r}")
 
     @property
     def zoo_manifest(self) -> Path:
@@ -76,13 +87,17 @@ class PolicyResult:
     labels: list[bool] = field(default_factory=list)
     joules: list[float] = field(default_factory=list)
     served: list[str] = field(default_factory=list)
+    #: joules spent after the replies (exploration and judge runs), for the stream as a whole
+    after_reply_joules: float = 0.0
 
     def summary(self, names: list[str]) -> dict[str, Any]:
         n = len(self.labels)
         counts = Counter(self.served)
+        total = sum(self.joules) + self.after_reply_joules
         return {
             "satisfaction": sum(self.labels) / n if n else 0.0,
-            "energy_j_per_request": sum(self.joules) / n if n else 0.0,
+            "energy_j_per_request": total / n if n else 0.0,
+            "after_reply_j_per_request": self.after_reply_joules / n if n else 0.0,
             "call_ratio": {name: counts[name] / n if n else 0.0 for name in names},
         }
 
@@ -154,6 +169,9 @@ def demo_daemon(config: DemoConfig) -> Iterator[str]:
             f"[router]\nalpha = {config.alpha!r}\nseed = {config.seed}\n{extras}\n"
             f"[energy]\nbackend = {json.dumps(config.energy)}\n"
         )
+        if config.labels == "agreement":
+            toml += '\n[labels]\nsources = ["agreement"]\n'
+
         if config.manifest is not None:  # else the daemon's own default: the demo zoo
             toml += f"\n[models]\nmanifest = {json.dumps(str(manifest.resolve()))}\n"
         (tmp_path / "edged.toml").write_text(toml, encoding="utf-8")
@@ -230,8 +248,12 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
         names = [str(m["name"]) for m in client.models()]
         for name in names:  # first runs are slow (allocations, caches): keep them out of the tally
             client.generate(rows[0]["prompt"], model=name)
-        edged, method = _routed(client, rows, names, config.alpha, say)
-        per_model = _per_model(client, rows, names, say)
+        before = _after_reply_joules(client)
+        check = get_checker(_manifest_checker(config.zoo_manifest))
+        edged, method = _routed(client, rows, names, config.alpha, say,
+                                None if config.labels == "reference" else check)
+        edged.after_reply_joules = _after_reply_joules(client, wait=True) - before
+        per_model = _per_model(client, rows, names, say, check)
     policies = {"edged": edged}
     for policy, pick in (("largest", lambda _i: names[-1]), ("smallest", lambda _i: names[0])):
         policies[policy] = _replay(rows, per_model, pick)
@@ -244,15 +266,43 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     )
 
 
+def _manifest_checker(manifest: Path) -> str:
+    data = tomllib.loads(manifest.read_text(encoding="utf-8"))
+    return str(data.get("checker", "exact"))
+
+
+def _after_reply_joules(client: Client, wait: bool = False, timeout_s: float = 300.0) -> float:
+    """Joules of every exploration and judge run so far (they run after the replies); with
+    `wait`, once none is queued or running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()
+        busy = stats.get("exploration", {})
+        if not wait or not (busy.get("queued") or busy.get("running")):
+            break
+        if time.monotonic() > deadline:
+            raise DemoError(f"explorations still running after {timeout_s:.0f} s: {busy}")
+        time.sleep(0.05)
+    return sum(float(m.get("exploration_joules") or 0.0) + float(m.get("judge_joules") or 0.0)
+               for m in stats.get("models", {}).values())
+
+
 def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha: float,
-            say: Progress) -> tuple[PolicyResult, str]:
+            say: Progress, check: Checker | None = None) -> tuple[PolicyResult, str]:
+    """The routed stream. With `check`, requests go without their answer (the daemon labels
+    by agreement) and the served text is scored here; else the daemon's reference label."""
     result, method = PolicyResult(), ""
     for i, row in enumerate(rows, 1):
-        body = client.generate(row["prompt"], reference=row["answer"])
+        if check is None:
+            body = client.generate(row["prompt"], reference=row["answer"])
+            labels = body.get("labels") or {}
+            satisfied = bool(labels.get(str(body["model"]), False))
+        else:
+            body = client.generate(row["prompt"])
+            satisfied = bool(check(str(body.get("text", "")), row["answer"]))
         model = str(body["model"])
-        labels = body.get("labels") or {}
-        joules = _joules(body) + sum(_joules(e) for e in body.get("exploration") or ())
-        result.labels.append(bool(labels.get(model, False)))
+        joules = _joules(body)
+        result.labels.append(satisfied)
         result.joules.append(joules)
         result.served.append(model)
         q = float(body.get("route", {}).get("q", 0.0) or 0.0)
@@ -266,16 +316,17 @@ def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha:
 
 
 def _per_model(client: Client, rows: list[dict[str, str]], names: list[str],
-               say: Progress) -> dict[tuple[str, str], tuple[bool, float]]:
-    """(prompt, model) -> (label, joules), each measured once through the daemon."""
+               say: Progress, check: Checker) -> dict[tuple[str, str], tuple[bool, float]]:
+    """(prompt, model) -> (label, joules), each measured once through the daemon (the
+    model named, so no routing and nothing learned) and scored here with `check`."""
     distinct = list(dict.fromkeys(r["prompt"] for r in rows))
     answers = {r["prompt"]: r["answer"] for r in rows}
     out: dict[tuple[str, str], tuple[bool, float]] = {}
     total = len(distinct) * len(names)
     for name in names:
         for prompt in distinct:
-            body = client.generate(prompt, reference=answers[prompt], model=name)
-            out[(prompt, name)] = (bool((body.get("labels") or {}).get(name, False)),
+            body = client.generate(prompt, model=name)
+            out[(prompt, name)] = (bool(check(str(body.get("text", "")), answers[prompt])),
                                    _joules(body))
             say(f"baselines {len(out)}/{total}  (every distinct prompt on {', '.join(names)})")
     return out

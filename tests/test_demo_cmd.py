@@ -93,3 +93,23 @@ def test_router_options_are_typed_and_bad_ones_named() -> None:
         "margin": 0.1, "lp_prior": False, "lp_window": 64, "V": "auto"}
     with pytest.raises(DemoError, match="KEY=VALUE"):
         parse_router_options(["margin"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (demo_zoo_dir() / "zoo.toml").is_file(), reason="demo zoo not trained")
+def test_demo_with_agreement_labels_scores_against_the_answers(tmp_path: Path) -> None:
+    """--labels agreement: the daemon gets no answers, the demo still scores every policy
+    against them, and edged's energy includes the exploration run after the replies."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edged", "demo", "--requests", "30", "--labels", "agreement",
+         "--json", str(out), "--no-plot", "--energy", "estimate"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    policies = json.loads(out.read_text())["policies"]
+    assert policies["largest"]["satisfaction"] > 0.9  # scored here, not by the daemon
+    assert policies["edged"]["after_reply_j_per_request"] > 0  # cold start explores the zoo
+    assert policies["edged"]["energy_j_per_request"] > policies["edged"][
+        "after_reply_j_per_request"]
+    assert "labels agreement" in proc.stderr

@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="energy backend for the daemon (default auto)")
     parser.add_argument("--zoo", type=Path, metavar="ZOO.TOML",
                         help="zoo manifest with eval.jsonl beside it (default: the demo zoo)")
+    parser.add_argument("--labels", choices=("reference", "agreement"), default="reference",
+                        help="reference: every request carries its answer (default); agreement: "
+                        "the daemon gets no answers and learns from agreement with the top "
+                        "model, while the demo still scores every policy against the answers")
     parser.add_argument("--router", action="append", default=[], metavar="KEY=VALUE",
                         help="RouterConfig field for the daemon, e.g. margin=0.1 (repeat; "
                         "default margin_decay=0.25)")
@@ -47,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = DemoConfig(alpha=args.alpha, requests=args.requests, seed=args.seed,
-                            energy=args.energy, manifest=args.zoo,
+                            energy=args.energy, manifest=args.zoo, labels=args.labels,
                             router={**DemoConfig().router, **parse_router_options(args.router)})
         router = " ".join(f"{k}={v}" for k, v in config.router.items())
         print(f"edged demo: {config.requests} requests, alpha {config.alpha}, router {router}, "
-              f"zoo {config.zoo_manifest}", file=sys.stderr)
+              f"labels {config.labels}, zoo {config.zoo_manifest}", file=sys.stderr)
         result = run_demo(config, progress)
     except (DemoError, ClientError) as exc:
         if tty:
