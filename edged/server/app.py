@@ -74,8 +74,11 @@ BATCH = 256             # messages handled per socket per tick, so neither side 
 STATE_FILE = "router-state.npz"  # before issue 11: one file for whatever zoo was served
 FLUSH_MS = 2000         # after a drain: how long the last replies may take to leave the socket
 #: the GIL hand-off period: every ZeroMQ call releases the GIL, and taking it back from a
-#: worker in Python code waited up to the 5 ms default, per call, under load
-SWITCH_INTERVAL_S = 0.0005
+#: worker in Python code waited up to the 5 ms default, per call, under load. 0.1 ms: at 128
+#: closed-loop clients the loop thread spent ~64 us of CPU per message but ~200 us of wall time
+#: (waiting for the GIL and the CPU); 0.5 ms gave a probe `busy` p99 of ~12 ms, 0.1 ms ~5.5 ms,
+#: with the same generation throughput (tools/bench/load.py)
+SWITCH_INTERVAL_S = 0.0001
 PART, FINAL = b"p", b"f"  # first frame of a worker's message on the inproc pair
 
 
