@@ -5,12 +5,20 @@ throw the socket away and resend, `retries` times, but only for operations that 
 (`health`, `models`, `stats`); a generation or a label is never sent twice behind your back.
 Streams use a DEALER socket of their own. Errors from the daemon arrive as `RemoteError`
 subclasses carrying the protocol's stable `code`.
+
+Without an endpoint both use `default_endpoint()`, the same default as the `edged` commands. An
+ipc endpoint whose socket file is missing, or that nobody listens on, fails at once with
+`DaemonNotRunning` instead of waiting for the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import socket
+import stat
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +29,7 @@ import zmq.asyncio
 
 from edged.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    SOCKET_NAME,
     VERSION,
     ErrorCode,
     ProtocolError,
@@ -30,6 +39,7 @@ from edged.protocol import (
 )
 
 IDEMPOTENT = frozenset({"health", "models", "stats"})
+HEALTH_TIMEOUT_S = 2.0  # `health` is answered by the socket loop, never queued
 _GENERATE_FIELDS = frozenset({
     "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
     "reference", "model", "deadline_ms",
@@ -42,6 +52,62 @@ class ClientError(Exception):
 
 class RequestTimeout(ClientError, TimeoutError):
     """No reply within the timeout (after the retries allowed for this operation)."""
+
+
+class DaemonNotRunning(ClientError, ConnectionError):
+    """Nothing listens at the endpoint (no socket file, or a dead daemon's): known at once."""
+
+
+#: where `edged serve` listens under systemd (`RuntimeDirectory=edged`)
+SYSTEMD_SOCKET = Path("/run/edged") / SOCKET_NAME
+
+
+def default_endpoint() -> str:
+    """The endpoint the `edged` commands and `Client()` use when given none: `$EDGED_ENDPOINT`;
+    else the socket a hand-started `edged serve` binds (`$XDG_RUNTIME_DIR/edged/edged.sock`, else
+    `/tmp/edged-<uid>/edged.sock`) if it exists; else the systemd unit's
+    `/run/edged/edged.sock` if that exists; else the hand-started one (to name in errors)."""
+    env = os.environ.get("EDGED_ENDPOINT")
+    if env:
+        return env
+    from edged.paths import runtime_dir  # standard library only
+
+    own = runtime_dir() / SOCKET_NAME
+    if not own.exists() and SYSTEMD_SOCKET.exists():
+        return f"ipc://{SYSTEMD_SOCKET}"
+    return f"ipc://{own}"
+
+
+def check_listening(endpoint: str) -> None:
+    """Raise `DaemonNotRunning` when an ipc endpoint's socket file is missing, is not a socket
+    or refuses connections (its daemon is gone); ZeroMQ itself would wait silently. Other
+    endpoints (tcp, abstract ipc) are left to the timeout."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint[len("ipc://"):]
+    hint = "start it with `edged serve`, or pass the daemon's endpoint (--endpoint, EDGED_ENDPOINT)"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DaemonNotRunning(f"no daemon at {endpoint}: the socket file does not exist; "
+                               f"{hint}") from None
+    except OSError as exc:
+        raise DaemonNotRunning(f"cannot reach {endpoint}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise DaemonNotRunning(f"{path} is not a socket; {hint}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise DaemonNotRunning(f"no daemon at {endpoint}: the socket file is left over from one "
+                               f"that stopped; {hint}") from None
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise DaemonNotRunning(f"cannot connect to {endpoint}: permission denied (members "
+                                   "of the daemon's group may connect)") from None
+        raise DaemonNotRunning(f"cannot connect to {endpoint}: {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 class RemoteError(ClientError):
@@ -142,11 +208,12 @@ def _curve(
 
 
 class Client:
-    """Blocking client. Use as a context manager, or call `close()`."""
+    """Blocking client. Use as a context manager, or call `close()`. `endpoint` defaults to
+    `default_endpoint()`."""
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | None = None,
         *,
         timeout_s: float = 60.0,
         retries: int = 2,
@@ -154,7 +221,7 @@ class Client:
         curve_client_cert: str | Path | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoint = endpoint or default_endpoint()
         self.timeout_s = timeout_s
         self.retries = retries
         self.max_message_bytes = max_message_bytes
@@ -163,6 +230,7 @@ class Client:
         self._req: zmq.Socket | None = None
 
     def _socket(self, kind: int) -> zmq.Socket:
+        check_listening(self.endpoint)
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         _curve(sock, *self._curve)
@@ -170,7 +238,8 @@ class Client:
         return sock
 
     def request(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
-        """Send one request, wait for its reply; returns the reply body or raises."""
+        """Send one request, wait for its reply; returns the reply body or raises. `timeout_s`
+        is per attempt; `health`, `models` and `stats` are tried `1 + retries` times."""
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
         message = {"v": VERSION, "id": new_id(), "op": op, **fields}
         payload = pack(message)
@@ -184,8 +253,10 @@ class Client:
                 return raise_for(reply)
             self._req.close(linger=0)  # Lazy Pirate: a REQ socket that lost a reply is stuck
             self._req = None
-        raise RequestTimeout(f"{op}: no reply from {self.endpoint} in {timeout_ms} ms "
-                             f"({attempts} attempt{'s' if attempts > 1 else ''})")
+        each = timeout_ms / 1000
+        what = (f"{each:g} s (1 attempt)" if attempts == 1
+                else f"{attempts * each:g} s ({attempts} attempts of {each:g} s)")
+        raise RequestTimeout(f"{op}: no reply from {self.endpoint} in {what}")
 
     def _parse(self, payload: bytes) -> Reply:
         try:
@@ -220,7 +291,14 @@ class Client:
         return self.request("cancel", request_id=request_id)
 
     def health(self, timeout_s: float | None = None) -> dict[str, Any]:
-        return self.request("health", timeout_s)
+        """Is the daemon up? The socket loop answers at once, so by default this waits at most
+        2 s in all (split over the attempts, and never longer than the client's timeout per
+        attempt), not the generation timeout. `timeout_s` is the whole wait."""
+        whole = HEALTH_TIMEOUT_S if timeout_s is None else timeout_s
+        per_try = whole / (1 + self.retries)
+        if timeout_s is None:
+            per_try = min(per_try, self.timeout_s)
+        return self.request("health", per_try)
 
     def models(self) -> list[dict[str, Any]]:
         return self.request("models")["models"]
@@ -284,7 +362,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | None = None,
         *,
         timeout_s: float = 60.0,
         retries: int = 2,
@@ -292,6 +370,8 @@ class AsyncClient:
         curve_client_cert: str | Path | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        endpoint = endpoint or default_endpoint()
+        check_listening(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retries = retries

@@ -112,6 +112,8 @@ class DemoResult:
     policies: dict[str, PolicyResult]
     energy_method: str
     elapsed_s: float
+    #: seconds per phase: "daemon_start", "routed", "baseline" (each prompt on every model)
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,7 +121,18 @@ class DemoResult:
             "requests": len(self.prompts),
             "policies": {p: self.policies[p].summary(self.names) for p in POLICIES},
             "energy_method": self.energy_method,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "phases_s": {k: round(v, 3) for k, v in self.phases_s.items()},
         }
+
+    def timing_line(self) -> str:
+        """Where the demo's seconds went (the process start and imports before it excluded)."""
+        p = self.phases_s
+        n, m = len(self.prompts), len(self.names)
+        return (f"{self.elapsed_s:.1f} s: daemon start and model loading "
+                f"{p.get('daemon_start', 0.0):.1f} s, {n} routed requests "
+                f"{p.get('routed', 0.0):.1f} s, baseline pass ({n} prompts x {m} models, "
+                f"each named with `model`) {p.get('baseline', 0.0):.1f} s")
 
 
 def load_eval_set(path: Path) -> list[dict[str, str]]:
@@ -242,18 +255,24 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     rows = request_stream(load_eval_set(zoo_dir / "eval.jsonl"), config.requests, config.seed)
     say = progress or (lambda line: None)
     started = time.monotonic()
+    phases: dict[str, float] = {}
     with demo_daemon(config) as endpoint, Client(
         endpoint, timeout_s=config.request_timeout_s, retries=0
     ) as client:
         names = [str(m["name"]) for m in client.models()]
         for name in names:  # first runs are slow (allocations, caches): keep them out of the tally
             client.generate(rows[0]["prompt"], model=name)
+        mark = time.monotonic()
+        phases["daemon_start"] = mark - started
         before = _after_reply_joules(client)
         check = get_checker(_manifest_checker(config.zoo_manifest))
         edged, method = _routed(client, rows, names, config.alpha, say,
                                 None if config.labels == "reference" else check)
         edged.after_reply_joules = _after_reply_joules(client, wait=True) - before
+        phases["routed"] = time.monotonic() - mark
+        mark = time.monotonic()
         per_model = _per_model(client, rows, names, say, check)
+        phases["baseline"] = time.monotonic() - mark
     policies = {"edged": edged}
     for policy, pick in (("largest", lambda _i: names[-1]), ("smallest", lambda _i: names[0])):
         policies[policy] = _replay(rows, per_model, pick)
@@ -262,7 +281,7 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     policies["random"] = _replay(rows, per_model, picks.__getitem__)
     return DemoResult(
         alpha=config.alpha, names=names, prompts=[r["prompt"] for r in rows], policies=policies,
-        energy_method=method, elapsed_s=time.monotonic() - started,
+        energy_method=method, elapsed_s=time.monotonic() - started, phases_s=phases,
     )
 
 

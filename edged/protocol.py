@@ -21,6 +21,9 @@ MAX_ID_CHARS = 128
 MAX_STOP_SEQUENCES = 8
 MAX_MESSAGES = 256
 MAX_NEW_TOKENS_LIMIT = 1 << 16
+MAX_TOP_K = 1 << 20
+MAX_SEED = (1 << 63) - 1
+MAX_UINT64 = (1 << 64) - 1  # deadline_ms: any msgpack uint; the server caps it
 
 
 class ErrorCode(str, Enum):
@@ -163,8 +166,19 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
+def whole(value: Any) -> Any:
+    """A float with a whole value as an int (JavaScript msgpack encoders send some integers,
+    and every one above 2^53, as float64); anything else unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _opt_int(obj: dict[str, Any], key: str, rid: str, lo: int, hi: int) -> int | None:
-    value = _opt(obj, key, int, rid)
+    raw = obj.get(key)
+    if isinstance(raw, float) and not raw.is_integer():
+        raise _bad(f"{key!r} must be a whole number, got {raw}", rid)
+    value = _opt({key: whole(raw)}, key, int, rid)
     if value is not None and not lo <= value <= hi:
         raise _bad(f"{key!r} must be in [{lo}, {hi}], got {value}", rid)
     return value
@@ -211,6 +225,35 @@ def peek_id(obj: Any) -> str | None:
     return None
 
 
+def echo_id(obj: Any) -> str | int | None:
+    """What an error reply's `id` echoes: the request's `id` as sent when it is a string or an
+    integer, even one that is invalid (too long, empty, a number), so a client with many
+    requests in flight can still match the error; nil when there is none."""
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+            return rid
+    return None
+
+
+def peek_large_id(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> str | int | None:
+    """The `id` of a payload too large to decode, read without decoding the other values (they
+    are skipped, not allocated), so a `too_large` reply can still be matched."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(payload) + 1,
+                                max_str_len=MAX_ID_CHARS * 4, max_bin_len=0, max_array_len=0,
+                                max_map_len=0, max_ext_len=0)
+    unpacker.feed(payload)
+    try:
+        for _ in range(min(unpacker.read_map_header(), 64)):
+            key = unpacker.unpack()
+            if key == "id":
+                return echo_id({"id": unpacker.unpack()})
+            unpacker.skip()
+    except Exception:  # not a map, a huge key, truncated: no id to echo
+        return None
+    return None
+
+
 def parse_request(obj: Any) -> Request:
     """Validate a decoded message and return the typed request; raises `ProtocolError`."""
     if not isinstance(obj, dict):
@@ -220,8 +263,9 @@ def parse_request(obj: Any) -> Request:
     if rid is None:
         if not isinstance(raw_id, str) or not raw_id:
             raise _bad("'id' must be a non-empty string", None)
-        raise _bad(f"'id' is longer than {MAX_ID_CHARS} characters", None)
-    version = obj.get("v")
+        raise _bad(f"'id' is {len(raw_id)} characters (code points); the limit is "
+                   f"{MAX_ID_CHARS}", None)
+    version = whole(obj.get("v"))
     if isinstance(version, bool) or not isinstance(version, int):
         raise _bad("'v' must be an integer protocol version", rid)
     if version != VERSION:
@@ -286,6 +330,10 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateRequest:
         stop = tuple(stop)
     stream = _opt(obj, "stream", bool, rid)
     model = _opt(obj, "model", str, rid)
+    if model == "":
+        raise ProtocolError(ErrorCode.MODEL_NOT_FOUND,
+                            "'model' is empty: no model has that name (leave it out to route)",
+                            rid)
     return GenerateRequest(
         id=rid,
         op="generate",
@@ -293,15 +341,15 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateRequest:
         messages=messages,
         max_new_tokens=_opt_int(obj, "max_new_tokens", rid, 1, MAX_NEW_TOKENS_LIMIT),
         temperature=_opt_float(obj, "temperature", rid, 0.0, 100.0),
-        top_k=_opt_int(obj, "top_k", rid, 0, 1 << 20),
+        top_k=_opt_int(obj, "top_k", rid, 0, MAX_TOP_K),
         top_p=_opt_float(obj, "top_p", rid, 1e-9, 1.0),
         repetition_penalty=_opt_float(obj, "repetition_penalty", rid, 0.01, 100.0),
-        seed=_opt_int(obj, "seed", rid, 0, (1 << 63) - 1),
+        seed=_opt_int(obj, "seed", rid, 0, MAX_SEED),
         stop=stop,
         stream=bool(stream),
         reference=_opt(obj, "reference", str, rid),
-        model=model or None,
-        deadline_ms=_opt_int(obj, "deadline_ms", rid, 1, 1 << 40),
+        model=model,
+        deadline_ms=_opt_int(obj, "deadline_ms", rid, 1, MAX_UINT64),
     )
 
 
@@ -311,6 +359,9 @@ def _parse_feedback(obj: dict[str, Any], rid: str) -> FeedbackRequest:
     satisfied = _opt(obj, "satisfied", bool, rid)
     labels = obj.get("labels")
     model = _opt(obj, "model", str, rid)
+    if model == "":
+        raise ProtocolError(ErrorCode.MODEL_NOT_FOUND, "'model' is empty: no model has that name",
+                            rid)
     if (satisfied is None) == (labels is None):
         raise _bad("give exactly one of 'satisfied' (bool) or 'labels' ({model: bool})", rid)
     if labels is not None:
@@ -332,15 +383,16 @@ def _parse_feedback(obj: dict[str, Any], rid: str) -> FeedbackRequest:
 
 
 def ok_reply(request_id: str, /, **fields: Any) -> dict[str, Any]:
-    return {"v": VERSION, "id": request_id, "ok": True, **fields}
+    """A final reply: `done: true` on every reply that is not a streamed part."""
+    return {"v": VERSION, "id": request_id, "ok": True, "done": True, **fields}
 
 
 def error_reply(
-    request_id: str | None, code: ErrorCode, message: str, /, **fields: Any
+    request_id: str | int | None, code: ErrorCode, message: str, /, **fields: Any
 ) -> dict[str, Any]:
-    """`id` is nil when the request's id could not be read."""
+    """`id` echoes the request's id (see `echo_id`); nil when there was none to read."""
     return {
-        "v": VERSION, "id": request_id, "ok": False,
+        "v": VERSION, "id": request_id, "ok": False, "done": True,
         "error": {"code": code.value, "message": message}, **fields,
     }
 

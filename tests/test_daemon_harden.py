@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,6 +139,62 @@ def test_burst_gets_busy_at_once_while_a_worker_generates(daemon):
         for s in (*socks, long):
             s.close()
     wait_idle(daemon)
+
+
+def test_burst_runs_the_timers_once_per_tick_not_once_per_message(rule_zoo, tmp_path):
+    """Item 2's cause: the loop swept deadlines and retried held replies on every wake-up, so a
+    burst paid that work per message. Counted, not timed: a burst of sequential requests (one
+    wake-up each) runs the sweep at most once per TICK_S of the burst, however many messages
+    it brings (the old loop ran it once per message)."""
+    import threading
+
+    from edged.server.app import TICK_S, Overrides, Server
+
+    cfg = tmp_path / "edged.toml"
+    cfg.write_text(config_text(rule_zoo, tmp_path / "state"))
+    sockdir = Path(tempfile.mkdtemp(prefix="edged-t-", dir="/tmp"))
+    endpoint = f"ipc://{sockdir}/edged.sock"
+    sweeps: list[float] = []
+    ready = threading.Event()
+    box: dict[str, object] = {}
+
+    def serve() -> None:  # the loop in a thread: the same code as `run`, without signals
+        server = Server(cfg, Overrides(endpoint=endpoint))
+        box["server"] = server
+        try:
+            server._start()
+            real = server.engine.sweep
+            server.engine.sweep = lambda now: (sweeps.append(now), real(now))[1]
+            ready.set()
+            box["code"] = server._loop()
+        finally:
+            ready.set()
+            server._close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60) and "server" in box
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        burst = 300
+        t0 = time.monotonic()
+        for i in range(burst):
+            sock.send(msgpack.packb({"v": 1, "id": f"h{i}", "op": "health"}))
+            assert sock.poll(30_000), f"no reply to request {i}"
+            assert msgpack.unpackb(sock.recv())["ok"]
+        t1 = time.monotonic()
+        during = [t for t in sweeps if t0 <= t <= t1]
+        assert len(during) <= (t1 - t0) / TICK_S + 2, (
+            f"{len(during)} sweeps for {burst} messages in {t1 - t0:.2f} s")
+    finally:
+        ctx.destroy(linger=0)
+        box["server"]._signals.append(signal.SIGTERM)  # type: ignore[attr-defined]
+        thread.join(60)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert box.get("code") == 0
 
 
 # -- 3. the runtime directory -------------------------------------------------------------------
@@ -425,3 +483,98 @@ def test_crash_bench_small(tmp_path):
     assert result["kills"] == result["restarts_ok"] == 3
     assert result["acked_lost_total"] == 0 and result["orphans_after_restart"] == 0
     assert result["acked_total"] > 0
+
+
+# -- 4. reload to an insecure endpoint, CURVE rejections logged ---------------------------------
+
+
+def test_reload_to_an_insecure_tcp_endpoint_is_refused(rule_zoo, tmp_path):
+    """SIGHUP with `[server] endpoint` changed to tcp on all interfaces without CURVE: the reload
+    fails (logged, READY=1 says so), the old config stays and the old endpoint keeps serving."""
+    sockdir = Path(tempfile.mkdtemp(prefix="edged-t-", dir="/tmp"))
+    endpoint = f"ipc://{sockdir}/edged.sock"
+    state = tmp_path / "state"
+    # the endpoint comes from the config file only: $EDGED_ENDPOINT would win over it
+    d = Daemon(tmp_path, config_text(rule_zoo, state, endpoint=endpoint),
+               extra_env={"EDGED_ENDPOINT": ""}, endpoint=endpoint)
+    try:
+        d.wait_note("READY=1")
+        assert d.call({"id": "h0", "op": "health"})["status"] == "serving"
+        d.config_path.write_text(config_text(rule_zoo, state, endpoint="tcp://0.0.0.0:5999",
+                                             queue_size=7))
+        d.notes.clear()
+        d.proc.send_signal(signal.SIGHUP)
+        note = d.wait_note("READY=1")
+        assert "reload failed" in note and "CURVE" in note, note
+        log = d.log.read_text()
+        assert "reload failed, keeping the old config" in log and "refusing" in log
+        health = d.call({"id": "h1", "op": "health"})
+        assert health["status"] == "serving"
+        assert health["queue_size"] == 2, "a refused reload applied part of the new config"
+        assert d.stop() == 0
+    finally:
+        d.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_curve_rejections_are_logged_at_most_once_a_second(monkeypatch, caplog):
+    """pyzmq's authenticator reports a denied client at debug level; the daemon logs it as a
+    warning, one line a second at most, and the next line counts the ones in between."""
+    import logging
+
+    from edged.server import security
+
+    clock = [100.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: clock[0])
+    zap = security._ZapLog()
+    with caplog.at_level(logging.DEBUG, logger="edged.server.auth"):
+        for _ in range(50):
+            # pyzmq's own call: the verdict is an argument, not part of the format
+            zap.debug("%s (CURVE) domain=%s client_key=%s", "DENIED", "*", "abc")
+            clock[0] += 0.01   # 50 rejections in half a second
+        clock[0] += 1.0
+        zap.debug("%s (CURVE) domain=%s client_key=%s", "DENIED", "*", "xyz")
+        zap.debug("%s (CURVE) domain=%s client_key=%s", "ALLOWED", "*", "ok")
+        zap.debug("DENIED (not allowed) address=%s", "10.0.0.1")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]  # the third within 1 s
+    assert "CURVE client rejected" in warnings[0].getMessage()
+    assert "client_key=abc" in warnings[0].getMessage()
+    assert "(49 more since the last report)" in warnings[1].getMessage()
+    assert any(r.levelno == logging.DEBUG and "ALLOWED" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_curve_rejection_reaches_the_daemon_log(rule_zoo, tmp_path):
+    """End to end: a client whose key is not allowed gets no answer and the daemon's log names
+    the rejection (a warning, not pyzmq's debug line)."""
+    from test_daemon_lifecycle import free_port
+
+    from edged.cli import main as cli_main
+    from edged.client import Client, RequestTimeout
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("server", "client", "stranger"):
+        assert cli_main(["keys", "generate", str(keys), "--name", name]) == 0
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = config_text(rule_zoo, tmp_path / "s", curve_secret_key=str(keys / "server.key_secret"),
+                      curve_client_keys=str(allowed))
+    d = Daemon(tmp_path, cfg, args=("--endpoint", endpoint))
+    try:
+        d.wait_note("READY=1")
+        for _ in range(3):
+            with Client(endpoint, timeout_s=0.5, retries=0, curve_server_key=keys / "server.key",
+                        curve_client_cert=keys / "stranger.key_secret") as client, \
+                    pytest.raises(RequestTimeout):
+                client.health()
+        with Client(endpoint, timeout_s=10, curve_server_key=keys / "server.key",
+                    curve_client_cert=keys / "client.key_secret") as client:
+            assert client.health()["status"] == "serving"
+        log = d.log.read_text()
+        lines = [line for line in log.splitlines() if "CURVE client rejected" in line]
+        assert lines and all("WARNING" in line for line in lines), log
+        assert len(lines) <= 3
+    finally:
+        assert d.stop() == 0

@@ -66,7 +66,14 @@ def test_short_demo_end_to_end_over_the_socket(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert set(doc) == {"alpha", "requests", "policies", "energy_method"}
+    assert set(doc) == {"alpha", "requests", "policies", "energy_method", "elapsed_s", "phases_s"}
+    assert set(doc["phases_s"]) == {"daemon_start", "routed", "baseline"}
+    # item 21: the whole report on stdout, in order (header, table, timing); stderr only errors
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("edged demo: 20 requests")
+    assert lines[1].startswith("policy") and any(ln.startswith("took ") for ln in lines)
+    assert "daemon start" in proc.stdout and "routed requests" in proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr
     assert doc["alpha"] == 0.7 and doc["requests"] == 20
     assert doc["energy_method"]
     policies = doc["policies"]
@@ -112,4 +119,4 @@ def test_demo_with_agreement_labels_scores_against_the_answers(tmp_path: Path) -
     assert policies["edged"]["after_reply_j_per_request"] > 0  # cold start explores the zoo
     assert policies["edged"]["energy_j_per_request"] > policies["edged"][
         "after_reply_j_per_request"]
-    assert "labels agreement" in proc.stderr
+    assert "labels agreement" in proc.stdout

@@ -13,16 +13,25 @@ EXIT_REMOTE = 1     # the daemon answered with an error
 EXIT_UNREACHABLE = 3  # no answer (not running, wrong endpoint, timeout)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+EXIT_CODES = ("exit status: 0 done, 1 the daemon answered with an error, 3 no daemon reachable "
+              "(no socket, nothing listening, or no reply in time)")
+
+
+def _common(parser: argparse.ArgumentParser, timeout_s: float) -> None:
     parser.add_argument("--endpoint", help="daemon endpoint (default: $EDGED_ENDPOINT, else the "
-                        "ipc socket in the runtime directory)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+                        "socket of a hand-started `edged serve` in the runtime directory, else "
+                        "the systemd unit's /run/edged/edged.sock)")
+    parser.add_argument("--timeout", type=float, default=timeout_s,
+                        help=f"seconds to wait for the reply (default {timeout_s:g})")
     parser.add_argument("--server-key", type=Path, help="CURVE: the daemon's public key file")
     parser.add_argument("--client-cert", type=Path, help="CURVE: our key_secret file")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ask = subparsers.add_parser("ask", help="send a prompt to the daemon")
+    ask = subparsers.add_parser(
+        "ask", help="send a prompt to the daemon", epilog=EXIT_CODES,
+        description="Send PROMPT to the daemon; it routes it to a model of the zoo. The demo "
+        "zoo only adds numbers: ask it e.g. '12+34='.")
     ask.add_argument("prompt", metavar="PROMPT")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     ask.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -32,48 +41,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--model", help="skip routing: use this model")
     ask.add_argument("--reference", help="gold answer: label the reply automatically")
     ask.add_argument("--deadline-ms", type=int)
-    _common(ask)
+    _common(ask, 60.0)
     ask.set_defaults(func=run_ask)
 
-    fb = subparsers.add_parser("feedback", help="label a finished request (moves the router)")
+    fb = subparsers.add_parser("feedback", help="label a finished request (moves the router)",
+                               epilog=EXIT_CODES)
     fb.add_argument("request_id", metavar="REQUEST_ID")
     group = fb.add_mutually_exclusive_group(required=True)
     group.add_argument("--satisfied", dest="satisfied", action="store_true")
     group.add_argument("--unsatisfied", dest="satisfied", action="store_false")
     fb.add_argument("--model", help="the model the label is for (default: the one that served)")
-    _common(fb)
+    _common(fb, 10.0)
     fb.set_defaults(func=run_feedback)
 
-    stats = subparsers.add_parser("stats", help="per-model calls, energy, satisfaction, Q")
+    stats = subparsers.add_parser("stats", help="per-model calls, energy, satisfaction, Q",
+                                  epilog=EXIT_CODES)
     stats.add_argument("--prometheus", action="store_true", help="Prometheus text format")
     stats.add_argument("--json", action="store_true", help="print as JSON")
-    _common(stats)
+    _common(stats, 5.0)
     stats.set_defaults(func=run_stats)
 
-    health = subparsers.add_parser("health", help="is the daemon up? (exit 0 when serving)")
-    _common(health)
+    health = subparsers.add_parser(
+        "health", help="is the daemon up? (exit 0 when serving)",
+        epilog="exit status: 0 serving, 1 draining (stopping) or an error reply, 3 no daemon "
+        "reachable (no socket, nothing listening, or no reply within --timeout)")
+    _common(health, 2.0)
     health.set_defaults(func=run_health)
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
+    """--endpoint, else `edged.client.default_endpoint()` (the one `Client()` uses too)."""
     if args.endpoint:
         return str(args.endpoint)
-    env = os.environ.get("EDGED_ENDPOINT")
-    if env:
-        return env
-    from edged.paths import InsecureDirError, check_private_dir, runtime_dir
-    from edged.protocol import SOCKET_NAME
+    from edged.client import default_endpoint
+    from edged.paths import InsecureDirError, check_private_dir
 
-    directory = runtime_dir()
-    if directory.exists():  # a socket in a directory others can change may not be the daemon's
-        try:
-            check_private_dir(directory)
-        except InsecureDirError as exc:
-            raise SystemExit(f"edged: not connecting: {exc}") from None
-    return f"ipc://{directory / SOCKET_NAME}"
+    endpoint = default_endpoint()
+    if endpoint.startswith("ipc://") and not os.environ.get("EDGED_ENDPOINT"):
+        directory = Path(endpoint[len("ipc://"):]).parent
+        if directory.exists():  # a socket in a directory others can change may not be ours
+            try:
+                check_private_dir(directory)
+            except InsecureDirError as exc:
+                raise SystemExit(f"edged: not connecting: {exc}") from None
+    return endpoint
 
 
-def _client(args: argparse.Namespace, retries: int = 2) -> Any:
+def _client(args: argparse.Namespace, retries: int = 0) -> Any:
+    """One attempt: the command's --timeout is the whole wait."""
     from edged.client import Client
 
     return Client(endpoint_of(args), timeout_s=args.timeout, retries=retries,
@@ -82,7 +97,7 @@ def _client(args: argparse.Namespace, retries: int = 2) -> Any:
 
 def _call(args: argparse.Namespace, fn: Any) -> int:
     """Run `fn(client)`, mapping client errors to exit codes and a one-line message."""
-    from edged.client import ClientError, RemoteError, RequestTimeout
+    from edged.client import ClientError, DaemonNotRunning, RemoteError, RequestTimeout
 
     try:
         with _client(args) as client:
@@ -90,8 +105,12 @@ def _call(args: argparse.Namespace, fn: Any) -> int:
     except RemoteError as exc:
         print(f"edged: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_REMOTE
+    except DaemonNotRunning as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except RequestTimeout as exc:
-        print(f"edged: {exc} (is `edged serve` running?)", file=sys.stderr)
+        print(f"edged: {exc} (is `edged serve` running, and on this endpoint?)",
+              file=sys.stderr)
         return EXIT_UNREACHABLE
     except ClientError as exc:
         print(f"edged: {exc}", file=sys.stderr)
@@ -155,7 +174,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     def health(client: Any) -> int:
-        reply = client.health()
+        reply = client.health(args.timeout)
         print(json.dumps({k: v for k, v in reply.items() if k not in ("v", "ok", "id")},
                          sort_keys=True))
         return 0 if reply.get("status") == "serving" else EXIT_REMOTE

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
                             energy=args.energy, manifest=args.zoo, labels=args.labels,
                             router={**DemoConfig().router, **parse_router_options(args.router)})
         router = " ".join(f"{k}={v}" for k, v in config.router.items())
+        # the report goes to stdout, in order; stderr carries only progress (on a terminal)
+        # and errors, so `edged demo > out.txt` and `2>&1 | less` read the same
         print(f"edged demo: {config.requests} requests, alpha {config.alpha}, router {router}, "
-              f"labels {config.labels}, zoo {config.zoo_manifest}", file=sys.stderr)
+              f"labels {config.labels}, zoo {config.zoo_manifest}", flush=True)
         result = run_demo(config, progress)
     except (DemoError, ClientError) as exc:
         if tty:
@@ -65,14 +67,15 @@ def run(args: argparse.Namespace) -> int:
     if tty:
         print(file=sys.stderr)
     print(format_table(result))
-    print(f"energy method: {result.energy_method}; {result.elapsed_s:.0f} s")
+    print(f"energy method: {result.energy_method}")
+    print(f"took {result.timing_line()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}", flush=True)
     if not args.no_plot:
         try:
             write_plot(result, args.plot)
-            print(f"wrote {args.plot}")
+            print(f"wrote {args.plot}", flush=True)
         except ImportError:
             print("no plot: matplotlib is missing (pip install 'edged[plot]')", file=sys.stderr)
     return 0

@@ -106,8 +106,8 @@ def run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(meter: Any, elapsed: float, joules: float, dynamic: float) -> list[str]:
-    watts = meter.power_w()
+def _table(meter: Any, watts: dict[str, float], elapsed: float, joules: float,
+           dynamic: float) -> list[str]:
     lines = [f"edged energy watch: {meter.backend} - {meter.scope} - {elapsed:.1f} s"]
     width = max([len("total"), *(len(ch) for ch in watts)])
     lines.append(f"{'rail':<{width}}  {'power W':>10}")
@@ -130,8 +130,14 @@ def run_watch(args: argparse.Namespace) -> int:
         return _fail(EXIT_CONFIG, str(exc))
     except BackendUnavailable as exc:
         return _fail(EXIT_UNAVAILABLE, str(exc))
+    if meter.backend == "estimate":
+        print(f"edged energy: note: the estimate meter has no sensor; it models {meter.scope}, "
+              "here the CPU time of this `edged energy watch` process alone (a few mW), not the "
+              "machine or the daemon. The daemon's replies and `edged stats` carry the estimate "
+              "of each generation.", file=sys.stderr)
     tty = sys.stdout.isatty()
     start = time.monotonic()
+    rails: list[str] = []
     joules = dynamic = 0.0
     whole = meter.window().open()  # the whole watch; refresh windows nest inside it
     tick = meter.window().open()
@@ -146,7 +152,9 @@ def run_watch(args: argparse.Namespace) -> int:
             except EnergyError as exc:
                 print(f"edged energy: warning: {exc}", file=sys.stderr)
             tick = meter.window().open()
-            lines = _table(meter, time.monotonic() - start, joules, dynamic)
+            watts = meter.power_w()  # since the previous call: read once per refresh
+            rails = rails or [name for name in watts if name != "total"]
+            lines = _table(meter, watts, time.monotonic() - start, joules, dynamic)
             print(
                 ("\x1b[H\x1b[J" if tty else "") + "\n".join(lines) + ("" if tty else "\n"),
                 flush=True,
@@ -160,5 +168,9 @@ def run_watch(args: argparse.Namespace) -> int:
         record = whole.record
     except EnergyError as exc:
         return _fail(EXIT_UNAVAILABLE, f"the watch window failed: {exc}")
-    print(json.dumps({"backend": meter.backend, **record.to_dict()}))
+    out = {"backend": meter.backend, "scope": meter.scope, **record.to_dict()}
+    if not out.get("per_rail_j") and len(rails) == 1:
+        # a one-channel meter (the estimate's "cpu"): the table showed that rail, say its joules
+        out["per_rail_j"] = {rails[0]: out.get("joules")}
+    print(json.dumps(out))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXIT_INVALID = 2
 EXIT_LOAD = 3
@@ -14,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text with one ONNX model directory (no daemon)",
         description="Generate a completion for PROMPT with an optimum-exported ONNX model "
-                    "directory. Greedy unless --temperature > 0.")
+                    "directory (the folder holding config.json and model.onnx, e.g. "
+                    "models/demo/small; not a zoo folder). Greedy unless --temperature > 0.",
+        epilog="exit status: 0 done, 2 invalid arguments or prompt (e.g. too long for the "
+               "model's context), 3 the model directory could not be loaded")
     p.add_argument("--model", required=True, metavar="DIR", help="model directory")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T")
@@ -56,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
             stop=tuple(args.stop))
     except InvalidRequestError as exc:
         return fail(EXIT_INVALID, str(exc))
+    hint = model_dir_hint(Path(args.model))
+    if hint:
+        return fail(EXIT_LOAD, hint)
     try:
         model = load_model(args.model, args.provider, allow_fallback=not args.no_fallback,
                            intra_op_threads=args.threads)
@@ -88,3 +95,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.text)
     return 0
+
+
+def model_dir_hint(path: Path) -> str | None:
+    """What to point --model at when `path` is a zoo, or the parent of an export's `onnx/`."""
+    if (path / "config.json").is_file():
+        return None
+    if (path / "onnx" / "config.json").is_file():
+        return f"{path} holds its model in onnx/: use --model {path / 'onnx'}"
+    inner = sorted(p.name for p in path.iterdir() if (p / "config.json").is_file()) \
+        if path.is_dir() else []
+    if (path / "zoo.toml").is_file() or inner:
+        what = "a zoo (it has zoo.toml)" if (path / "zoo.toml").is_file() else "not a model"
+        pick = f"; its models: {', '.join(inner)} (e.g. --model {path / inner[0]})" if inner \
+            else ""
+        return (f"{path} is {what}: --model takes one model directory{pick}; to serve the "
+                f"whole zoo use `edged serve`")
+    return None

@@ -419,7 +419,7 @@ class Engine:
         self._queue.withdraw(job)
         self._active.pop(job.request.id, None)
         self.errors[code.value] += 1
-        return job.envelope, error_reply(job.request.id, code, message, done=True)
+        return job.envelope, error_reply(job.request.id, code, message, text="")
 
     def _emit_all(self, replies: list[tuple[list[bytes], dict[str, Any]]]) -> None:
         for envelope, reply in replies:
@@ -504,7 +504,8 @@ class Engine:
                 reply, explore = self._serve(routed)
             except ProtocolError as exc:
                 self.count_error(exc.code)
-                extra = {"text": exc.text} if isinstance(exc, Stopped) else {}
+                extra = ({"text": exc.text} if isinstance(exc, Stopped)
+                         else {"text": ""} if exc.code in _STOP_CODES else {})
                 reply, explore = error_reply(job.request.id, exc.code, exc.message, **extra), []
             except Exception as exc:  # the daemon must outlive a bug in one request
                 log.exception("request %s failed", job.request.id)
@@ -514,6 +515,13 @@ class Engine:
             reply["done"] = True
             with self._lock:
                 self._active.pop(job.request.id, None)
+                if reply["ok"] and job.reason is ErrorCode.CANCELLED:
+                    # the cancel came after the last token but before this point: it was told
+                    # `was: running`, so the reply is `cancelled` (with the whole text)
+                    self.errors[ErrorCode.CANCELLED.value] += 1
+                    reply = error_reply(job.request.id, ErrorCode.CANCELLED,
+                                        "cancelled after the generation had finished",
+                                        text=reply.get("text", ""))
             try:
                 self._emit(job.envelope, reply)
             except Exception:  # a reply that cannot be sent must not take the worker with it
@@ -645,11 +653,14 @@ class Engine:
         finally:
             with self._lock:
                 finished.pending.discard(name)
-                self._exploring.discard(task)
-                self.explorations_done += 1
                 last = not finished.pending
-        if last:
-            self._agree(finished)
+            try:
+                if last:  # before the run stops counting as running: stats then show them
+                    self._agree(finished)
+            finally:
+                with self._lock:
+                    self._exploring.discard(task)
+                    self.explorations_done += 1
 
     def _agree(self, finished: _Finished) -> None:
         """Agreement pseudo-labels once every run of an exploring decision is in: the zoo's
@@ -996,6 +1007,10 @@ class Stopped(ProtocolError):
     def __init__(self, code: ErrorCode, message: str, request_id: str, text: str) -> None:
         super().__init__(code, message, request_id)
         self.text = text
+
+
+#: codes of a generation stopped early: their replies carry `text` ("" when it never ran)
+_STOP_CODES = (ErrorCode.CANCELLED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.SHUTTING_DOWN)
 
 
 def _stopped_message(reason: ErrorCode | None, result: GenerationResult) -> str:

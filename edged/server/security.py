@@ -129,15 +129,21 @@ class _ZapLog:
         self._quiet = 0
 
     def debug(self, msg: str, *args: object) -> None:
-        if not str(msg).startswith("DENIED"):
-            self._inner.debug(msg, *args)
+        # pyzmq passes the verdict as an argument ("%s (CURVE) ...", "DENIED", ...): look at
+        # the formatted line, not at the format string
+        try:
+            text = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):
+            text = " ".join(map(str, (msg, *args)))
+        if not text.startswith("DENIED"):
+            self._inner.debug("%s", text)
             return
         now = time.monotonic()
         if now - self._last < 1.0:
             self._quiet += 1
             return
         more = f" ({self._quiet} more since the last report)" if self._quiet else ""
-        self._inner.warning("CURVE client rejected: " + msg + more, *args)
+        self._inner.warning("CURVE client rejected: %s%s", text, more)
         self._last, self._quiet = now, 0
 
     def __getattr__(self, name: str) -> object:

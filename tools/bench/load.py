@@ -1,11 +1,14 @@
 """Daemon under load and beside hostile local clients (issue 11): a table and JSON under out/bench/.
 
 Starts the real daemon (`python -m edged serve`, demo zoo, `estimate` meter, queue 16) on a
-temporary ipc endpoint and measures, each client load in its own process (one event loop over
-DEALER sockets, so client threads do not fight over one GIL):
+temporary ipc endpoint and measures, each client load in processes of its own (one event loop
+over at most 32 DEALER sockets each, so client threads do not fight over one GIL):
 
   - closed loop, 1 / 8 / 32 / 128 clients: each keeps one routed generate in flight and retries
-    `busy` after 10-30 ms; ok req/s, ok p50/p99, `busy` p50/p99;
+    `busy` after 10-30 ms; ok req/s, ok p50/p99, `busy` p50/p99 as the load generator sees them;
+    from 32 clients on, also `probe_busy_*`: a separate probe client (one socket, a generate
+    every 2 ms, blocking poll) whose `busy` round trips measure the daemon rather than the load
+    generator's own loop (all of it runs on the same CPUs as the daemon);
   - a normal sequential client alone, then beside a client that sends generates (or `health`)
     and never reads a reply, then beside one that floods `health` and reads: the normal client's
     share of its alone throughput;
@@ -23,6 +26,7 @@ to compare before and after on one machine in one run.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -46,6 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENTS = (1, 8, 32, 128)
 HOSTILE_CAP = 14_000     # messages a hostile client sends at most
 DRAIN_S = 5.0            # time to collect in-flight replies after a phase
+PER_PROCESS = 32         # closed-loop clients per generator process
+PROBE_GAP_S = 0.002      # the probe's pause between requests
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -106,9 +112,13 @@ def _request(rid: str, op: str, text: str | None = None) -> bytes:
 
 
 def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
-                results: Any) -> None:
-    """`n_clients` DEALERs, each one generate in flight, `busy` retried after 10-30 ms."""
-    rng = random.Random(n_clients)
+                results: Any, seed: int = 0, prefix: str = "c") -> None:
+    """`n_clients` DEALERs, each one generate in flight, `busy` retried after 10-30 ms.
+
+    Clients due to send are kept in a heap, so an iteration costs the replies it reads and the
+    sends that are due, not a pass over every socket (with 128 sockets in one process that pass
+    delayed reading replies and inflated the latencies measured)."""
+    rng = random.Random(seed or n_clients)
     ctx = zmq.Context()
     socks = []
     poller = zmq.Poller()
@@ -119,8 +129,8 @@ def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
         poller.register(s, zmq.POLLIN)
         socks.append(s)
     sent_at = [0.0] * n_clients
-    next_at = [0.0] * n_clients
-    waiting = [False] * n_clients
+    due: list[tuple[float, int]] = [(0.0, i) for i in range(n_clients)]
+    waiting = 0
     index = {s: i for i, s in enumerate(socks)}
     ok_ms: list[float] = []
     busy_ms: list[float] = []
@@ -130,15 +140,17 @@ def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
     end = start + seconds
     while True:
         now = time.monotonic()
-        if (now >= end and not any(waiting)) or now >= end + DRAIN_S:
+        if (now >= end and not waiting) or now >= end + DRAIN_S:
             break
-        for i, s in enumerate(socks):
-            if not waiting[i] and now >= next_at[i] and now < end:
-                seq += 1
-                s.send_multipart([b"", _request(f"c{i}-{seq}", "generate",
-                                                texts[seq % len(texts)])])
-                sent_at[i], waiting[i] = time.monotonic(), True
-        ready = poller.poll(2)
+        while due and due[0][0] <= now < end:
+            _, i = heapq.heappop(due)
+            seq += 1
+            socks[i].send_multipart([b"", _request(f"{prefix}{i}-{seq}", "generate",
+                                                   texts[seq % len(texts)])])
+            sent_at[i] = time.monotonic()
+            waiting += 1
+        timeout = 2 if not due else max(0, min(2, int((due[0][0] - now) * 1000)))
+        ready = poller.poll(timeout)
         got = time.monotonic()  # when the replies were seen ready (not our own loop's work)
         for s, _ in ready:
             i = index[s]
@@ -146,19 +158,53 @@ def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
             if reply.get("done") is False:
                 continue
             ms = (got - sent_at[i]) * 1000.0
-            waiting[i] = False
+            waiting -= 1
             if got > end:
                 continue  # drained after the phase: not counted
             if reply.get("ok"):
                 ok_ms.append(ms)
-                next_at[i] = got
+                heapq.heappush(due, (got, i))
             else:
                 code = reply["error"]["code"]
                 errors[code] = errors.get(code, 0) + 1
                 if code == "busy":
                     busy_ms.append(ms)
-                next_at[i] = got + rng.uniform(0.010, 0.030)
+                heapq.heappush(due, (got + rng.uniform(0.010, 0.030), i))
     results.put({"ok_ms": ok_ms, "busy_ms": busy_ms, "errors": errors, "seconds": seconds})
+    ctx.destroy(linger=0)
+
+
+def probe(endpoint: str, seconds: float, results: Any) -> None:
+    """One client that does nothing else: a generate every PROBE_GAP_S, one at a time, timed
+    with a blocking poll, so its `busy` round trips measure the daemon, not a busy generator."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    busy: list[float] = []
+    ok = 0
+    end = time.monotonic() + seconds
+    time.sleep(min(0.5, seconds / 4))  # let the load reach its steady state
+    seq = 0
+    while time.monotonic() < end:
+        seq += 1
+        t0 = time.monotonic()
+        s.send_multipart([b"", _request(f"p{seq}", "generate", "1+1=")])
+        while True:
+            if not s.poll(int((DRAIN_S + seconds) * 1000)):
+                results.put({"busy_ms": busy, "ok": ok, "lost": 1})
+                ctx.destroy(linger=0)
+                return
+            reply = msgpack.unpackb(s.recv_multipart()[-1])
+            if reply.get("done") is not False:
+                break
+        ms = (time.monotonic() - t0) * 1000.0
+        if not reply.get("ok") and reply["error"]["code"] == "busy":
+            busy.append(ms)
+        else:
+            ok += 1
+        time.sleep(PROBE_GAP_S)
+    results.put({"busy_ms": busy, "ok": ok, "lost": 0})
     ctx.destroy(linger=0)
 
 
@@ -199,6 +245,10 @@ def summarize(name: str, r: dict[str, Any]) -> dict[str, Any]:
         "busy_p50_ms": _r(percentile(r["busy_ms"], 50)),
         "busy_p99_ms": _r(percentile(r["busy_ms"], 99)),
         "errors": r["errors"],
+        **({"probe_busy": len(r["probe"]["busy_ms"]),
+            "probe_busy_p50_ms": _r(percentile(r["probe"]["busy_ms"], 50)),
+            "probe_busy_p99_ms": _r(percentile(r["probe"]["busy_ms"], 99))}
+           if r.get("probe") else {}),
     }
 
 
@@ -208,7 +258,7 @@ def _r(value: float | None) -> float | None:
 
 def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
               hostile_args: tuple[str, bool] | None = None, daemon: Daemon | None = None,
-              idle_s: float = 3.0) -> dict[str, Any]:
+              idle_s: float = 3.0, probed: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     extra: dict[str, Any] = {}
@@ -218,10 +268,27 @@ def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
         bad = ctx.Process(target=hostile, args=(endpoint, hostile_args[0], seconds,
                                                  hostile_args[1], seconds + 1 + idle_s, hq))
         bad.start()
-    proc = ctx.Process(target=closed_loop, args=(endpoint, n_clients, seconds, texts, results))
-    proc.start()
-    out = results.get(timeout=seconds + DRAIN_S + 60)
-    proc.join(30)
+    procs = []
+    shares = [PER_PROCESS] * (n_clients // PER_PROCESS) + (
+        [n_clients % PER_PROCESS] if n_clients % PER_PROCESS else [])
+    for k, share in enumerate(shares):
+        procs.append(ctx.Process(target=closed_loop, args=(
+            endpoint, share, seconds, texts, results, n_clients * 100 + k, f"c{k}.")))
+    pq = ctx.Queue()
+    prober = ctx.Process(target=probe, args=(endpoint, seconds, pq)) if probed else None
+    for p in procs + ([prober] if prober else []):
+        p.start()
+    parts = [results.get(timeout=seconds + DRAIN_S + 60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    out = {"ok_ms": [x for r in parts for x in r["ok_ms"]],
+           "busy_ms": [x for r in parts for x in r["busy_ms"]],
+           "errors": {c: sum(r["errors"].get(c, 0) for r in parts)
+                      for c in {c for r in parts for c in r["errors"]}},
+           "seconds": seconds, "processes": len(procs)}
+    if prober is not None:
+        extra["probe"] = pq.get(timeout=seconds + DRAIN_S + 60)
+        prober.join(30)
     if bad is not None:
         extra["hostile"] = hq.get(timeout=60)
         if daemon is not None:  # the hostile client has stopped sending, still connected
@@ -239,7 +306,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="per phase (1..30)")
     parser.add_argument("--tree", type=Path, default=REPO, help="source tree of the daemon")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "load.json")
+    parser.add_argument("--per-process", type=int, default=PER_PROCESS,
+                        help="closed-loop clients per generator process (default 32)")
     args = parser.parse_args()
+    globals()["PER_PROCESS"] = max(1, args.per_process)  # read by run_phase
     seconds = min(30.0, max(1.0, args.seconds))
     texts = prompts()
     work = Path(tempfile.mkdtemp(prefix="edged-load-", dir="/tmp"))
@@ -250,7 +320,8 @@ def main() -> int:
         time.sleep(2.0)
         baseline_idle = round(100.0 * (daemon.cpu_s() - cpu0) / (time.monotonic() - t0), 2)
         for n in CLIENTS:
-            rows.append(summarize(f"{n} clients", run_phase(daemon.endpoint, n, seconds, texts)))
+            rows.append(summarize(f"{n} clients", run_phase(daemon.endpoint, n, seconds, texts,
+                                                            probed=n >= 32)))
             print(rows[-1], file=sys.stderr)
         alone = summarize("normal alone", run_phase(daemon.endpoint, 1, seconds, texts))
         rows.append(alone)
@@ -275,7 +346,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     keys = ("phase", "ok_per_s", "ok_p50_ms", "ok_p99_ms", "busy", "busy_p50_ms", "busy_p99_ms",
-            "share_of_alone", "idle_cpu_pct_after")
+            "probe_busy", "probe_busy_p50_ms", "probe_busy_p99_ms", "share_of_alone",
+            "idle_cpu_pct_after")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:

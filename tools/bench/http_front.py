@@ -11,7 +11,8 @@ Requests name the model (`small`) by default so routing and exploration runs do 
 to a difference of two small numbers; `--routed` sends them to the router instead.
 Also reported: the front's RSS after the run and the import time of `edged.http`.
 
-    python tools/bench/http.py [--requests 400] [--clients 8] [--routed] [--out out/bench/http.json]
+    python tools/bench/http_front.py [--requests 400] [--clients 8] [--routed]
+        [--out out/bench/http.json]
 """
 
 from __future__ import annotations
