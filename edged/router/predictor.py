@@ -85,21 +85,16 @@ def featurize(text: str, dim_bits: int) -> Features:
         shapes = shape_tokens(text)
         sh = np.fromiter((zlib.crc32(w.encode()) for w in shapes), np.uint64, len(shapes))
         shape_idx = _mix(sh, _SALT_LEN, shift)
-    families = [np.concatenate(grams)] if grams else []
-    families.append(shape_idx)
-    idx_parts, val_parts = [], []
-    for family in families:
-        idx, counts = np.unique(family.astype(np.int64), return_counts=True)
-        val = counts.astype(np.float64)
-        idx_parts.append(idx)
-        val_parts.append(val / np.sqrt(val @ val))
-    idx = np.concatenate(idx_parts)
-    val = np.concatenate(val_parts)
-    order = np.argsort(idx, kind="stable")
-    idx, val = idx[order], val[order]
-    uniq, start = np.unique(idx, return_index=True)  # a shape token may collide with a gram
-    val = np.add.reduceat(val, start)
-    return Features(uniq, val / np.sqrt(val @ val))
+    parts_idx, parts_val = [shape_idx.astype(np.int64)], [np.full(len(shape_idx), 1.0)]
+    parts_val[0] /= math.sqrt(len(shape_idx))  # shape tokens are distinct: counts of 1
+    if grams:
+        gram_idx, counts = np.unique(np.concatenate(grams).astype(np.int64), return_counts=True)
+        gram_val = counts.astype(np.float64)
+        parts_idx.append(gram_idx)
+        parts_val.append(gram_val / np.sqrt(gram_val @ gram_val))
+    idx, inverse = np.unique(np.concatenate(parts_idx), return_inverse=True)
+    val = np.bincount(inverse, weights=np.concatenate(parts_val))  # a shape hash may hit a gram
+    return Features(idx, val / np.sqrt(val @ val))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
