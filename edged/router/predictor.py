@@ -39,11 +39,12 @@ def _mix(h: np.ndarray, salt: np.uint64, shift: np.uint64) -> np.ndarray:
     return ((h ^ salt) * _M64) >> shift
 
 
-def shape_tokens(text: str) -> list[str]:
+def shape_tokens(text: str, words: list[str] | None = None) -> list[str]:
     """Words for what n-grams miss: how many numbers and how long each is, the text's length
     in words and characters, its first and last word, its closing character. Difficulty often
     lives there (a 4-digit sum, a yes/no question, a multi-sentence passage)."""
-    words = _WORD.findall(text.lower())
+    if words is None:  # featurize passes the words it already found
+        words = _WORD.findall(text.lower())
     numbers = _NUMBER.findall(text)
     tokens = [
         f"\x00nums:{min(len(numbers), 8)}",
@@ -82,7 +83,7 @@ def featurize(text: str, dim_bits: int) -> Features:
             grams.append(_mix(wh, _SALT_WORD, shift))
             if len(words) > 1:
                 grams.append(_mix(wh[:-1] * _P1 + wh[1:], _SALT_BIGRAM, shift))
-        shapes = shape_tokens(text)
+        shapes = shape_tokens(text, words)
         sh = np.fromiter((zlib.crc32(w.encode()) for w in shapes), np.uint64, len(shapes))
         shape_idx = _mix(sh, _SALT_LEN, shift)
     parts_idx, parts_val = [shape_idx.astype(np.int64)], [np.full(len(shape_idx), 1.0)]
@@ -230,13 +231,17 @@ class Predictor:
         out = np.empty((len(EXPERTS) + 1, self.n_models))
         out[0] = self.rates
         out[1] = _sigmoid(self._base + self.residuals(features))
-        w = self.expert_weights()
-        gains = self.gains()
+        w = self.expert_weights().tolist()  # plain floats: the loop below is scalar math
+        gains = self.gains().tolist()
+        rates, heads = out[0].tolist(), out[1].tolist()
         unchained = 0 if self.top_prior is None else self.n_models - 1
+        mixed = 0.0
         for m in range(self.n_models):
-            out[2, m] = self.rates[m] if m in (0, unchained) else min(
-                max(out[3, m - 1] + gains[m], 1e-3), 1.0 - 1e-3)
-            out[3, m] = w[:, m] @ out[:3, m]
+            chain = rates[m] if m in (0, unchained) else min(max(mixed + gains[m], 1e-3),
+                                                            1.0 - 1e-3)
+            mixed = w[0][m] * rates[m] + w[1][m] * heads[m] + w[2][m] * chain
+            out[2, m] = chain
+            out[3, m] = mixed
         return out
 
     def predict(self, features: Features) -> np.ndarray:

@@ -145,6 +145,7 @@ class Router:
         t = self.t
         features = self.predictor.featurize(text, embedding)
         sat = self.predictor.predict(features)
+        mean_j = self._energy_estimate()
         energy_j = self._energy_estimate(features)
         latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
         allowed = None
@@ -158,7 +159,7 @@ class Router:
             target = min(1.0, cfg.alpha + margin + self._unlabelled_margin(cfg.alpha, t))
         if cfg.V == "auto":  # one scale for every request, so per-request joules compare
             v = cfg.v_auto * t**cfg.v_growth
-            scale = self._energy_estimate().max()
+            scale = mean_j.max()
             energy = energy_j / scale if scale > 0 else energy_j
         else:
             v = float(cfg.V)
