@@ -168,3 +168,27 @@ def test_router_with_embeddings_round_trips_and_checks_them(tmp_path) -> None:
             router.decide("x", embedding=bad)
     with pytest.raises(RouterError, match="without embeddings"):
         Router(["a"], RouterConfig()).decide("x", embedding=np.ones(8))
+
+
+def test_neighbours_learn_a_kind_from_a_few_labels() -> None:
+    """A dozen labels of 3-digit sums (wrong) and 1-digit sums (right): the neighbours expert
+    separates the kinds at once, and the mixture follows it."""
+    p = Predictor(1, dim_bits=12, calibration=True, learning_rate=0.1)
+    rng = np.random.default_rng(6)
+    for _ in range(12):
+        a, b = rng.integers(1, 10, size=2)
+        p.update(p.featurize(f"{a}+{b}="), 0, 1.0)
+        a, b = rng.integers(100, 1000, size=2)
+        p.update(p.featurize(f"{a}+{b}="), 0, 0.0)
+    experts = p.experts(p.featurize("481+529="))
+    near = experts[EXPERTS.index("neighbours"), 0]
+    assert near < 0.2 < 0.8 < p.experts(p.featurize("4+7="))[EXPERTS.index("neighbours"), 0]
+    assert p.predict(p.featurize("481+529="))[0] < p.predict(p.featurize("4+7="))[0]
+
+
+def test_neighbour_memory_is_a_bounded_ring() -> None:
+    p = Predictor(1, dim_bits=8, calibration=True)
+    for i in range(Predictor.MEMORY + 10):
+        p.update(p.featurize(f"q{i}"), 0, float(i % 2))
+    assert p.memory_n[0] == Predictor.MEMORY + 10
+    assert p.memory_shape.shape == (1, Predictor.MEMORY, 64)

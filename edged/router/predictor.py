@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,12 +27,18 @@ _SALT_BIGRAM = np.uint64(0xA4093822299F31D0)
 _SALT_LEN = np.uint64(0x082EFA98EC4E6C89)
 
 
+#: dimensions of the dense shape vector the neighbours expert compares requests by
+SHAPE_DIM = 64
+
+
 @dataclass(frozen=True)
 class Features:
-    """Sparse feature vector: sorted unique indices and L2-normalised values."""
+    """Sparse feature vector (sorted unique indices, L2-normalised values) and the request's
+    shape tokens as a small dense unit vector (for the neighbours expert)."""
 
     idx: np.ndarray
     val: np.ndarray
+    shape: np.ndarray = field(default_factory=lambda: np.zeros(SHAPE_DIM, np.float32))
 
 
 def _mix(h: np.ndarray, salt: np.uint64, shift: np.uint64) -> np.ndarray:
@@ -95,7 +101,9 @@ def featurize(text: str, dim_bits: int) -> Features:
         parts_val.append(gram_val / np.sqrt(gram_val @ gram_val))
     idx, inverse = np.unique(np.concatenate(parts_idx), return_inverse=True)
     val = np.bincount(inverse, weights=np.concatenate(parts_val))  # a shape hash may hit a gram
-    return Features(idx, val / np.sqrt(val @ val))
+    dense = np.bincount((sh % np.uint64(SHAPE_DIM)).astype(np.int64),
+                        minlength=SHAPE_DIM).astype(np.float32)
+    return Features(idx, val / np.sqrt(val @ val), dense / np.float32(np.sqrt(dense @ dense)))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -103,7 +111,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 #: The experts mixed per model (rows of `Predictor.loss`).
-EXPERTS = ("rate", "head", "chain")
+EXPERTS = ("rate", "head", "chain", "neighbours")
 
 
 def _log_loss(p: float, label: float) -> float:
@@ -122,6 +130,11 @@ class Predictor:
     With calibration the head is one of two experts (see `predict`).
     All parameters are plain float64 arrays, so the state file round-trips them bit-exactly.
     """
+
+    #: Labelled requests each model remembers for the neighbours expert, and how many of the
+    #: nearest it averages.
+    MEMORY = 256
+    NEIGHBOURS = 16
 
     #: Per-label decay of the experts' log-loss: about the last 500 labels count, so
     #: the mixture can move back to the rate if the stream changes and the head goes stale.
@@ -156,6 +169,9 @@ class Predictor:
         self.weights = np.zeros((rows, dim))  # row 0: shared, row 1 + m: model m
         self.grad_sq = np.full((rows, dim), 1e-8)
         self.loss = np.zeros((len(EXPERTS), n_models))  # decayed prequential log-loss
+        self.memory_shape = np.zeros((n_models, self.MEMORY, SHAPE_DIM), np.float32)
+        self.memory_label = np.zeros((n_models, self.MEMORY))
+        self.memory_n = np.zeros(n_models, dtype=np.int64)  # labels stored (ring: mod MEMORY)
         self.pair_n = np.zeros(n_models)  # requests where model m and m - 1 were both labelled
         self.pair_gain = np.zeros(n_models)  # sum of label_m - label_{m-1} over those
         self.labels = np.zeros(n_models, dtype=np.int64)
@@ -195,7 +211,7 @@ class Predictor:
         base = 1 << self.dim_bits
         idx = np.concatenate([hashed.idx, base + np.arange(self.extra_dim)])
         val = np.concatenate([hashed.val, embedding / (np.linalg.norm(embedding) or 1.0)])
-        return Features(idx, val / math.sqrt(2.0))
+        return Features(idx, val / math.sqrt(2.0), hashed.shape)
 
     def residuals(self, features: Features) -> np.ndarray:
         """Per-request deviation from each model's running rate, in logits (the text head)."""
@@ -223,7 +239,8 @@ class Predictor:
     def experts(self, features: Features) -> np.ndarray:
         """Each expert's prediction per model (rows: EXPERTS) and the mixture (last row).
 
-        rate: the model's running rate. head: `sigmoid(logit(r_m) + residual_m)`. chain: the
+        rate: the model's running rate. head: `sigmoid(logit(r_m) + residual_m)`. neighbours:
+        the labels of the remembered requests shaped most like this one. chain: the
         next cheaper model's mixture for this request plus the paired gain; a dear model runs
         on few, mostly hard requests, so its own rate and head see a biased sample while the
         cheaper model's well-fed head knows what kind of request this is.
@@ -231,17 +248,35 @@ class Predictor:
         out = np.empty((len(EXPERTS) + 1, self.n_models))
         out[0] = self.rates
         out[1] = _sigmoid(self._base + self.residuals(features))
+        out[3] = self.neighbours(features.shape)
         w = self.expert_weights().tolist()  # plain floats: the loop below is scalar math
         gains = self.gains().tolist()
-        rates, heads = out[0].tolist(), out[1].tolist()
+        rates, heads, near = out[0].tolist(), out[1].tolist(), out[3].tolist()
         unchained = 0 if self.top_prior is None else self.n_models - 1
         mixed = 0.0
         for m in range(self.n_models):
             chain = rates[m] if m in (0, unchained) else min(max(mixed + gains[m], 1e-3),
                                                             1.0 - 1e-3)
-            mixed = w[0][m] * rates[m] + w[1][m] * heads[m] + w[2][m] * chain
+            mixed = w[0][m] * rates[m] + w[1][m] * heads[m] + w[2][m] * chain + w[3][m] * near[m]
             out[2, m] = chain
-            out[3, m] = mixed
+            out[4, m] = mixed
+        return out
+
+    def neighbours(self, shape: np.ndarray) -> np.ndarray:
+        """Per model, the labels of the most similar remembered requests (cosine of the shape
+        vectors, weighted by similarity squared), shrunk to the running rate with the weight of
+        two labels: a few labels of requests shaped alike (a 3-digit sum, a yes/no question)
+        say more than hundreds of n-gram weights can learn from them."""
+        out = self.rates.copy()
+        for m in range(self.n_models):
+            n = min(int(self.memory_n[m]), self.MEMORY)
+            if n == 0:
+                continue
+            sims = self.memory_shape[m, :n] @ shape
+            k = min(self.NEIGHBOURS, n)
+            top = np.argpartition(-sims, k - 1)[:k] if n > k else np.arange(n)
+            w = np.maximum(sims[top], 0.0) ** 2
+            out[m] = (w @ self.memory_label[m, top] + 2.0 * self.rates[m]) / (w.sum() + 2.0)
         return out
 
     def predict(self, features: Features) -> np.ndarray:
@@ -275,6 +310,10 @@ class Predictor:
             preds = experts[: len(EXPERTS), model]
             losses = np.array([_log_loss(float(p), label) for p in preds])
             self.loss[:, model] = self.EVIDENCE_DECAY * self.loss[:, model] + losses
+            slot = int(self.memory_n[model]) % self.MEMORY
+            self.memory_shape[model, slot] = features.shape
+            self.memory_label[model, slot] = label
+            self.memory_n[model] += 1
         grad = float(_sigmoid(np.array(base + resid))) - label
         lr = self.learning_rate
         g_vec = grad * features.val
@@ -293,6 +332,8 @@ class Predictor:
         return {
             "pred_weights": self.weights, "pred_grad_sq": self.grad_sq,
             "pred_loss": self.loss, "pred_labels": self.labels, "pred_hits": self.hits,
+            "pred_memory_shape": self.memory_shape, "pred_memory_label": self.memory_label,
+            "pred_memory_n": self.memory_n,
             "pred_pair_n": self.pair_n, "pred_pair_gain": self.pair_gain,
         }
 
@@ -307,6 +348,9 @@ class Predictor:
         self.weights = arrays["pred_weights"].copy()
         self.grad_sq = arrays["pred_grad_sq"].copy()
         self.loss = arrays["pred_loss"].copy()
+        self.memory_shape = arrays["pred_memory_shape"].copy()
+        self.memory_label = arrays["pred_memory_label"].copy()
+        self.memory_n = arrays["pred_memory_n"].copy()
         self.pair_n = arrays["pred_pair_n"].copy()
         self.pair_gain = arrays["pred_pair_gain"].copy()
         self.labels = arrays["pred_labels"].copy()
