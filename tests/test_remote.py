@@ -358,6 +358,17 @@ def test_edged_remote_timeout_is_a_model_error_and_the_remote_stops(edged_pair, 
 
 
 @slow
+def test_edged_remote_deadline_is_the_clients_not_an_outage(edged_pair, keys):
+    back, front = edged_pair
+    reply = front.call({"id": "dl", "op": "generate", "prompt": PROMPT, "model": "big",
+                        "max_new_tokens": LONG, "deadline_ms": 700})
+    assert reply["error"]["code"] == "deadline_exceeded" and reply["text"], reply
+    with back_client(back, keys) as client:
+        wait_for(lambda: client.health()["in_flight"] == 0, "the remote stopped too")
+    assert front.call({"id": "h", "op": "health"})["remotes"]["big"]["failures"] == 0
+
+
+@slow
 def test_stranger_key_is_refused_by_the_remote(edged_pair, keys):
     from edged.zoo.remote import RemoteSpec
 

@@ -520,13 +520,15 @@ class Engine:
                 try:
                     reply, explore = self._serve(routed)
                 except _Outage as exc:
-                    if routed.decision is None or exc.streamed:
+                    excluded = routed.excluded | {exc.model}
+                    if (routed.decision is None or exc.streamed
+                            or excluded >= set(self.zoo.names)):
                         raise
                     # the router learns nothing from the outage: this decision is dropped and
                     # the request decided again without the failed model
                     log.warning("request %s: %s; routing it again without %s",
                                 job.request.id, exc.message, exc.model)
-                    routed = self._route(job, routed.excluded | {exc.model})
+                    routed = self._route(job, frozenset(excluded))
                     self._queue.put_routed(self._worker_device(routed.run[0]), routed)
                     continue
             except ProtocolError as exc:

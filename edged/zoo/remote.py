@@ -41,6 +41,7 @@ from edged.zoo.params import GenerationParams, GenerationResult
 KINDS = ("edged", "openai")
 POLL_S = 0.05               # how often a waiting call looks at its cancel event and budget
 CANCEL_GRACE_S = 5.0        # after a cancel: how long to wait for the remote's partial text
+DEADLINE_GRACE_S = 1.0      # a forwarded deadline: ours (a cancel) should arrive first
 REMOTE_METHOD = "remote-estimate"
 
 
@@ -329,6 +330,7 @@ class RemoteModel:
         self.breaker = CircuitBreaker(spec.breaker_failures, spec.breaker_open_s)
         self._api_key = self._read_api_key()
         self._closed = False
+        self._deadline: float | None = None  # of the call in progress (one at a time: its worker)
 
     def _read_api_key(self) -> str | None:
         """A configuration error (unset variable, unreadable file) fails the load, at start."""
@@ -378,9 +380,11 @@ class RemoteModel:
                 self.name, f"circuit open after {status['failures']} failures (retry in "
                            f"{status['retry_in_s']:.1f} s; last: {status['last_error']})")
         cancel = cancel or threading.Event()
+        # the entry's timeout is the remote's budget: running past it is the remote's failure.
+        # The request's own deadline is the caller's: it cancels (the engine's sweep sets
+        # `cancel`), and an edged remote is told it (plus a grace) so it stops by itself too.
         end = time.monotonic() + self.spec.timeout_s
-        if deadline is not None and math.isfinite(deadline):
-            end = min(end, deadline)
+        self._deadline = deadline if deadline is not None and math.isfinite(deadline) else None
         call = self._edged if self.spec.kind == "edged" else self._openai
         attempt = 0
         while True:
@@ -432,7 +436,8 @@ class RemoteModel:
             sock.connect(spec.endpoint)
             self._handshake(monitor, cancel, end)
             rid = new_id()
-            remaining_ms = max(1, int((end - time.monotonic()) * 1000))
+            until = end if self._deadline is None else min(end, self._deadline + DEADLINE_GRACE_S)
+            remaining_ms = max(1, int((until - time.monotonic()) * 1000))
             fields = {key: getattr(params, key) for key in (
                 "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")}
             body = generate_message(text, messages, True, **fields,
