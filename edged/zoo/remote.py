@@ -330,6 +330,9 @@ class RemoteModel:
         self.breaker = CircuitBreaker(spec.breaker_failures, spec.breaker_open_s)
         self._api_key = self._read_api_key()
         self._closed = False
+        self._sock_lock = threading.Lock()
+        self._sock: Any = None             # edged: the DEALER socket, kept between requests
+        self._monitor: Any = None
         self._deadline: float | None = None  # of the call in progress (one at a time: its worker)
 
     def _read_api_key(self) -> str | None:
@@ -404,7 +407,15 @@ class RemoteModel:
             return result
 
     def close(self) -> None:
+        """No new requests; the socket goes now unless a request still uses it (then with
+        the model object)."""
         self._closed = True
+        if self._sock_lock.acquire(blocking=False):
+            try:
+                if self._sock is not None:
+                    self._drop_socket()
+            finally:
+                self._sock_lock.release()
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.name!r}, {self.spec.kind} {self.spec.where})"
@@ -414,91 +425,128 @@ class RemoteModel:
     def _edged(self, text: str | None, messages: list[dict[str, Any]] | None,
                params: GenerationParams, run: _Run, on_delta: Callable[[str], None] | None,
                cancel: threading.Event, end: float) -> RemoteResult:
-        """Another edged daemon over a DEALER socket, streamed; a cancel is forwarded."""
+        """Another edged daemon over this model's DEALER socket (streamed when the caller
+        streams); a cancel is forwarded by request id."""
         import zmq
 
-        from edged.client import apply_curve, generate_message, new_id, raise_for
+        from edged.client import generate_message, new_id, raise_for
         from edged.protocol import VERSION, pack, parse_reply
 
         spec = self.spec
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        monitor = None
-        try:
-            if spec.curve_server_key is not None:
-                try:
-                    apply_curve(sock, spec.curve_server_key, spec.curve_client_cert)
-                except (OSError, ValueError, zmq.ZMQError) as exc:
-                    raise RemoteUnavailableError(self.name, f"CURVE keys: {exc}") from None
-            monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-            sock.connect(spec.endpoint)
-            self._handshake(monitor, cancel, end)
-            rid = new_id()
-            until = end if self._deadline is None else min(end, self._deadline + DEADLINE_GRACE_S)
-            remaining_ms = max(1, int((until - time.monotonic()) * 1000))
-            fields = {key: getattr(params, key) for key in (
-                "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")}
-            body = generate_message(text, messages, True, **fields,
-                                    stop=list(params.stop) or None, model=spec.model,
-                                    deadline_ms=remaining_ms)
-            sock.send_multipart([b"", pack({"v": VERSION, "id": rid, "op": "generate", **body})])
-            cancelled_at: float | None = None
-            while True:
-                now = time.monotonic()
-                if cancel.is_set() and cancelled_at is None:
-                    cancelled_at = now
-                    sock.send_multipart([b"", pack({"v": VERSION, "id": new_id(), "op": "cancel",
-                                                    "request_id": rid})])
-                if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
-                    return self._result(run, "cancelled", None, None)
-                if cancelled_at is None and now >= end:  # stop the remote's work too
-                    sock.send_multipart([b"", pack({"v": VERSION, "id": new_id(), "op": "cancel",
-                                                    "request_id": rid})])
-                    raise RemoteTimeoutError(self.name, f"no reply within "
-                                                        f"{spec.timeout_s:g} s", retryable=False)
-                if not sock.poll(int(POLL_S * 1000)):
-                    continue
-                try:
-                    reply = parse_reply(sock.recv_multipart()[-1])
-                except Exception as exc:  # a peer that does not speak edged's protocol
-                    raise RemoteUnavailableError(self.name, f"bad reply: {exc}") from None
-                if reply.id != rid:
-                    continue  # the answer to our cancel
-                if reply.is_delta:
-                    run.delta(str(reply.body.get("delta", "")), on_delta)
-                    continue
-                return self._edged_final(reply, run, cancel, raise_for)
-        finally:
-            if monitor is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.disable_monitor()
-                monitor.close(linger=0)
-            sock.close(linger=0)
+        with self._sock_lock:
+            sock = self._connected(cancel, end)
+            try:
+                rid = new_id()
+                until = end if self._deadline is None else min(end,
+                                                               self._deadline + DEADLINE_GRACE_S)
+                remaining_ms = max(1, int((until - time.monotonic()) * 1000))
+                fields = {key: getattr(params, key) for key in (
+                    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                    "seed")}
+                # deltas only when someone reads them: each streamed part costs the remote's
+                # socket loop (and CURVE) CPU inside its measured window; a cancel reply
+                # carries the text anyway
+                body = generate_message(text, messages, on_delta is not None, **fields,
+                                        stop=list(params.stop) or None, model=spec.model,
+                                        deadline_ms=remaining_ms)
+                sock.send_multipart([b"", pack({"v": VERSION, "id": rid, "op": "generate",
+                                                **body})])
 
-    def _handshake(self, monitor: Any, cancel: threading.Event, end: float) -> None:
-        """Wait for the ZMTP (and CURVE) handshake: a remote that is down is known within
-        `connect_timeout_s`, not after the whole generation timeout."""
+                def send_cancel() -> None:
+                    sock.send_multipart([b"", pack({"v": VERSION, "id": new_id(),
+                                                    "op": "cancel", "request_id": rid})])
+
+                cancelled_at: float | None = None
+                while True:
+                    now = time.monotonic()
+                    if cancel.is_set() and cancelled_at is None:
+                        cancelled_at = now
+                        send_cancel()
+                    if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
+                        return self._result(run, "cancelled", None, None)
+                    if cancelled_at is None and now >= end:  # stop the remote's work too
+                        send_cancel()
+                        raise RemoteTimeoutError(self.name, f"no reply within "
+                                                            f"{spec.timeout_s:g} s")
+                    if not sock.poll(int(POLL_S * 1000)):
+                        continue
+                    try:
+                        reply = parse_reply(sock.recv_multipart()[-1])
+                    except Exception as exc:  # a peer that does not speak edged's protocol
+                        raise RemoteUnavailableError(self.name, f"bad reply: {exc}") from None
+                    if reply.id != rid:
+                        continue  # the answer to a cancel, or to an abandoned request
+                    if reply.is_delta:
+                        run.delta(str(reply.body.get("delta", "")), on_delta)
+                        continue
+                    return self._edged_final(reply, run, cancel, raise_for)
+            except zmq.ZMQError as exc:
+                self._drop_socket()
+                raise RemoteUnavailableError(self.name, f"socket: {exc}") from None
+
+    def _connected(self, cancel: threading.Event, end: float) -> Any:
+        """This model's DEALER socket once a peer is connected (handshake done), within
+        `connect_timeout_s`: one connection (and one CURVE handshake) for every request, not
+        one each. IMMEDIATE: nothing is queued for a peer that is not there, so a remote that
+        is down is known within `connect_timeout_s`, not after the whole timeout. Caller holds
+        `_sock_lock`."""
         import zmq
         from zmq.utils.monitor import recv_monitor_message
 
-        limit = min(end, time.monotonic() + self.spec.connect_timeout_s)
-        while time.monotonic() < limit and not cancel.is_set():
-            if not monitor.poll(int(POLL_S * 1000)):
-                continue
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                return
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                raise RemoteUnavailableError(self.name, f"{self.spec.endpoint} refused our CURVE "
-                                                        "key (is it in its curve_client_keys?)")
-            raise RemoteUnavailableError(self.name, f"handshake with {self.spec.endpoint} "
-                                                    "failed (CURVE keys on both sides?)")
-        if cancel.is_set():
-            raise RemoteUnavailableError(self.name, "cancelled before it connected")
-        raise RemoteTimeoutError(self.name, f"no connection to {self.spec.endpoint} within "
-                                            f"{self.spec.connect_timeout_s:g} s", retryable=True)
+        spec = self.spec
+        if self._sock is None:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            if spec.curve_server_key is not None:
+                from edged.client import apply_curve
+
+                try:
+                    apply_curve(sock, spec.curve_server_key, spec.curve_client_cert)
+                except (OSError, ValueError, zmq.ZMQError) as exc:
+                    sock.close(linger=0)
+                    raise RemoteUnavailableError(self.name, f"CURVE keys: {exc}") from None
+            self._monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            sock.connect(spec.endpoint)
+            self._sock = sock
+        sock, monitor = self._sock, self._monitor
+        limit = min(end, time.monotonic() + spec.connect_timeout_s)
+        failed: int | None = None
+        while True:
+            while monitor is not None and monitor.poll(0):
+                failed = recv_monitor_message(monitor)["event"]
+            if failed is not None:
+                self._drop_socket()
+                if failed == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise RemoteUnavailableError(self.name, f"{spec.endpoint} refused our "
+                                                            "CURVE key (is it in its "
+                                                            "curve_client_keys?)")
+                raise RemoteUnavailableError(self.name, f"handshake with {spec.endpoint} "
+                                                        "failed (CURVE keys on both sides?)")
+            if sock.poll(0, zmq.POLLOUT):
+                return sock
+            if cancel.is_set():
+                raise RemoteUnavailableError(self.name, "cancelled before it connected")
+            if time.monotonic() >= limit:
+                self._drop_socket()
+                raise RemoteTimeoutError(self.name, f"no connection to {spec.endpoint} within "
+                                                    f"{spec.connect_timeout_s:g} s",
+                                         retryable=True)
+            time.sleep(min(0.01, POLL_S))
+
+    def _drop_socket(self) -> None:
+        """Close the socket (caller holds `_sock_lock`): the next request connects afresh."""
+        import zmq
+
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._monitor = None
 
     def _edged_final(self, reply: Any, run: _Run, cancel: threading.Event,
                      raise_for: Callable[[Any], dict[str, Any]]) -> RemoteResult:
