@@ -437,9 +437,9 @@ class RemoteModel:
             sock = self._connected(cancel, end)
             try:
                 rid = new_id()
-                until = end if self._deadline is None else min(end,
-                                                               self._deadline + DEADLINE_GRACE_S)
-                remaining_ms = max(1, int((until - time.monotonic()) * 1000))
+                # past our own limit by a grace: our cancel (deadline) or timeout comes first
+                until = end if self._deadline is None else min(end, self._deadline)
+                remaining_ms = max(1, int((until + DEADLINE_GRACE_S - time.monotonic()) * 1000))
                 fields = {key: getattr(params, key) for key in (
                     "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                     "seed")}
@@ -561,9 +561,13 @@ class RemoteModel:
                 return self._result(run, "cancelled", None, None)
             if exc.code == "bad_request":
                 raise InvalidRequestError(f"remote: {exc.message}") from None
+            if exc.code == "deadline_exceeded":  # the forwarded budget ran out over there
+                why = f"no reply within {self.spec.timeout_s:g} s (the remote stopped it: " \
+                      f"{exc.message})"
+                raise RemoteTimeoutError(self.name, why) from None
             retry = exc.code in ("busy", "shutting_down")
-            cls = RemoteTimeoutError if exc.code == "deadline_exceeded" else RemoteUnavailableError
-            raise cls(self.name, f"{exc.code}: {exc.message}", retryable=retry) from None
+            raise RemoteUnavailableError(self.name, f"{exc.code}: {exc.message}",
+                                         retryable=retry) from None
         usage = body.get("usage") or {}
         timing = body.get("timing") or {}
         run.text = str(body.get("text", run.text))
