@@ -186,10 +186,12 @@ def feedback_message(
     return fields
 
 
-def _curve(
+def apply_curve(
     sock: zmq.Socket, server_key: bytes | str | Path | None, client_cert: str | Path | None
 ) -> None:
-    """Make `sock` a CURVE client: the server's public key and our own certificate."""
+    """Make `sock` a CURVE client: the server's public key (bytes, z85 text or a `.key` file)
+    and our own certificate (a `.key_secret` file; None: a throwaway pair). Public so other
+    socket users (remote zoo models) configure CURVE exactly as the clients do."""
     if server_key is None:
         return
     import zmq.auth
@@ -233,7 +235,7 @@ class Client:
         check_listening(self.endpoint)
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        _curve(sock, *self._curve)
+        apply_curve(sock, *self._curve)
         sock.connect(self.endpoint)
         return sock
 
@@ -379,7 +381,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        _curve(self._sock, curve_server_key, curve_client_cert)
+        apply_curve(self._sock, curve_server_key, curve_client_cert)
         self._sock.connect(endpoint)
         self._waiting: dict[str, asyncio.Queue[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None

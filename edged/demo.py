@@ -64,6 +64,9 @@ class DemoConfig:
     # for a few hundred requests: the mean lands a request or two under alpha; t**-0.25 clears it.
     router: dict[str, float | int | bool | str] = field(
         default_factory=lambda: {"margin_decay": 0.25})
+    #: serve the zoo's dearest model from a second `edged serve` on tcp loopback with CURVE,
+    #: as a `kind = "edged"` remote entry of the routed daemon's zoo (issue 15)
+    remote: bool = False
     startup_timeout_s: float = 120.0
     request_timeout_s: float = 60.0
 
@@ -185,23 +188,103 @@ def demo_daemon(config: DemoConfig) -> Iterator[str]:
         if config.labels == "agreement":
             toml += '\n[labels]\nsources = ["agreement"]\n'
 
-        if config.manifest is not None:  # else the daemon's own default: the demo zoo
-            toml += f"\n[models]\nmanifest = {json.dumps(str(manifest.resolve()))}\n"
-        (tmp_path / "edged.toml").write_text(toml, encoding="utf-8")
-        log_path = tmp_path / "serve.log"
-        cmd = [
-            sys.executable, "-m", "edged", "serve", "--config", str(tmp_path / "edged.toml"),
-            "--endpoint", endpoint, "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning",
-        ]
-        env = {k: v for k, v in os.environ.items() if k != "EDGED_ENDPOINT"}
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_ready(proc, endpoint, config.startup_timeout_s, log_path)
+        with contextlib.ExitStack() as stack:
+            if config.remote:
+                manifest = stack.enter_context(_remote_tier(config, manifest, tmp_path))
+            if config.manifest is not None or config.remote:  # else the daemon's default
+                toml += f"\n[models]\nmanifest = {json.dumps(str(manifest.resolve()))}\n"
+            (tmp_path / "edged.toml").write_text(toml, encoding="utf-8")
+            proc = _serve(tmp_path / "edged.toml", endpoint, tmp_path / "state",
+                          tmp_path / "serve.log")
+            stack.callback(_stop, proc)
+            _wait_ready(proc, endpoint, config.startup_timeout_s, tmp_path / "serve.log")
             yield endpoint
-        finally:
-            _stop(proc)
+
+
+def _serve(config_file: Path, endpoint: str, state: Path, log_path: Path
+           ) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "edged", "serve", "--config", str(config_file),
+        "--endpoint", endpoint, "--state-dir", str(state), "--log-level", "warning",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "EDGED_ENDPOINT"}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML value of the plain kinds a manifest holds (JSON's spelling is TOML's for them)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml_table(header: str, table: dict[str, Any]) -> str:
+    return header + "\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+
+
+@contextlib.contextmanager
+def _remote_tier(config: DemoConfig, manifest: Path, tmp: Path) -> Iterator[Path]:
+    """A second `edged serve` with the zoo's dearest model on tcp loopback with CURVE; yields
+    the routed daemon's manifest: the cheaper models local, the dearest a remote entry."""
+    import socket
+
+    import zmq.auth
+
+    data = tomllib.loads(manifest.read_text(encoding="utf-8"))
+    models = [dict(m) for m in data.get("models", [])]
+    if len(models) < 2:
+        raise DemoError(f"--remote needs a zoo of two models or more ({manifest})")
+    for m in models:
+        if "path" in m and not Path(m["path"]).is_absolute():
+            m["path"] = str((manifest.parent / m["path"]).resolve())
+    keys = tmp / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / "clients").mkdir()
+    server_pub, server_secret = zmq.auth.create_certificates(keys, "server")
+    client_pub, client_secret = zmq.auth.create_certificates(keys, "client")
+    (keys / "clients" / "client.key").write_bytes(Path(client_pub).read_bytes())
+    for secret in (server_secret, client_secret):
+        os.chmod(secret, 0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    top = models[-1]
+    head = "".join(f"{k} = {_toml_value(v)}\n" for k, v in data.items()
+                   if k not in ("zoo", "models"))
+    zoo = _toml_table("[zoo]", data["zoo"]) if isinstance(data.get("zoo"), dict) else ""
+
+    def entries(items: list[dict[str, Any]]) -> str:
+        out = ""
+        for m in items:
+            gen = m.pop("generation", None)
+            out += _toml_table("[[models]]", m)
+            if gen:
+                out += _toml_table("[models.generation]", gen)
+        return out
+
+    (tmp / "remote-zoo.toml").write_text(head + zoo + entries([dict(top)]), encoding="utf-8")
+    (tmp / "remote.toml").write_text(
+        f"[server]\ncurve_secret_key = {json.dumps(str(server_secret))}\n"
+        f"curve_client_keys = {json.dumps(str(keys / 'clients'))}\n"
+        f"[energy]\nbackend = {json.dumps(config.energy)}\n"
+        f"[models]\nmanifest = {json.dumps(str(tmp / 'remote-zoo.toml'))}\n", encoding="utf-8")
+    remote = {"name": top["name"], "kind": "edged", "endpoint": endpoint, "model": top["name"],
+              "curve_server_key": str(server_pub), "curve_client_cert": str(client_secret)}
+    if "generation" in top:
+        remote["generation"] = top["generation"]
+    routed = tmp / "zoo.toml"
+    routed.write_text(head + zoo + entries([*models[:-1], remote]), encoding="utf-8")
+    proc = _serve(tmp / "remote.toml", endpoint, tmp / "remote-state", tmp / "remote.log")
+    try:
+        _wait_ready(proc, endpoint, config.startup_timeout_s, tmp / "remote.log",
+                    curve_server_key=server_pub, curve_client_cert=client_secret)
+        yield routed
+    finally:
+        _stop(proc)
 
 
 def _log_tail(log_path: Path, lines: int = 15) -> str:
@@ -212,9 +295,9 @@ def _log_tail(log_path: Path, lines: int = 15) -> str:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], endpoint: str, timeout_s: float,
-                log_path: Path) -> None:
+                log_path: Path, **curve: Any) -> None:
     deadline = time.monotonic() + timeout_s
-    with Client(endpoint, timeout_s=1.0, retries=0) as client:
+    with Client(endpoint, timeout_s=1.0, retries=0, **curve) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise DemoError(f"edged serve exited with code {proc.returncode}:\n"

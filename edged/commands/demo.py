@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--router", action="append", default=[], metavar="KEY=VALUE",
                         help="RouterConfig field for the daemon, e.g. margin=0.1 (repeat; "
                         "default margin_decay=0.25)")
+    parser.add_argument("--remote", action="store_true",
+                        help="serve the zoo's dearest model from a second `edged serve` on a "
+                        "tcp loopback endpoint with CURVE (a remote zoo entry, kind = \"edged\")")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=Path("edged-demo.png"), metavar="FILE.png",
                         help="write the comparison plot (default edged-demo.png; needs matplotlib)")
@@ -52,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = DemoConfig(alpha=args.alpha, requests=args.requests, seed=args.seed,
                             energy=args.energy, manifest=args.zoo, labels=args.labels,
+                            remote=args.remote,
                             router={**DemoConfig().router, **parse_router_options(args.router)})
         router = " ".join(f"{k}={v}" for k, v in config.router.items())
         # the report goes to stdout, in order; stderr carries only progress (on a terminal)
         # and errors, so `edged demo > out.txt` and `2>&1 | less` read the same
         print(f"edged demo: {config.requests} requests, alpha {config.alpha}, router {router}, "
-              f"labels {config.labels}, zoo {config.zoo_manifest}", flush=True)
+              f"labels {config.labels}, zoo {config.zoo_manifest}"
+              + (", dearest model remote (second edged, tcp loopback + CURVE)"
+                 if config.remote else ""), flush=True)
         result = run_demo(config, progress)
     except (DemoError, ClientError) as exc:
         if tty:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,9 +123,12 @@ class Router:
         return est
 
     def decide(
-        self, text: str, deadline_ms: float | None = None, *, embedding: np.ndarray | None = None
+        self, text: str, deadline_ms: float | None = None, *, embedding: np.ndarray | None = None,
+        exclude: Collection[str] = (),
     ) -> Decision:
-        """Choose the model(s) for one request (`embedding`: see `__init__`)."""
+        """Choose the model(s) for one request (`embedding`: see `__init__`). `exclude`: models
+        that cannot run now (a remote tier in an outage): neither served nor explored, and
+        nothing is learned about them; ignored when it would leave no model."""
         if not isinstance(text, str):
             raise RouterError(f"request text must be str, got {type(text).__name__}")
         if self.embedding_dim:
@@ -140,6 +143,9 @@ class Router:
             raise RouterError("this router was built without embeddings (embedding_dim=0)")
         if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
             raise RouterError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+        unknown = set(exclude) - set(self.names)
+        if unknown:
+            raise RouterError(f"exclude names unknown models {sorted(unknown)}")
         cfg = self.config
         self.t += 1
         t = self.t
@@ -151,6 +157,10 @@ class Router:
         allowed = None
         if deadline_ms is not None:
             allowed = (self.latency.count == 0) | (latency_s * 1000.0 <= deadline_ms)
+        if exclude:
+            up = np.array([name not in exclude for name in self.names])
+            if up.any():  # within the deadline if possible, else any model that is up
+                allowed = up if allowed is None or not (allowed & up).any() else allowed & up
         target = None
         if cfg.alpha is not None:
             margin = cfg.margin * t**-cfg.margin_decay

@@ -152,7 +152,8 @@ def model_info(zoo: Zoo) -> dict[str, dict[str, Any]]:
         model = zoo.get(name)
         d = model.defaults
         info[name] = {
-            "context_length": int(model.context),
+            # a remote model without `context` in the manifest: unknown here (it checks)
+            "context_length": None if model.context is None else int(model.context),
             "defaults": {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
                          "top_k": d.top_k, "top_p": d.top_p,
                          "repetition_penalty": d.repetition_penalty, "stop": list(d.stop or ())},
@@ -164,6 +165,8 @@ def device_of(provider: str) -> str:
     """Models on one device share one worker; the device is named by its execution provider."""
     if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         return "cuda"
+    if provider.startswith("remote:"):  # a remote model: its own worker, never a local lock
+        return provider
     return "cpu" if provider == "CPUExecutionProvider" else provider.removesuffix(
         "ExecutionProvider").lower()
 
@@ -391,7 +394,8 @@ class Server:
             )
         except (EnergyConfigError, BackendUnavailable) as exc:
             raise StartupError(f"{self.config.where('[energy]')}: {exc}") from None
-        unseen = sorted(d for d in set(devices.values()) if not meter.covers(d))
+        unseen = sorted(d for d in set(devices.values())
+                        if not d.startswith("remote:") and not meter.covers(d))
         if unseen:  # e.g. a CPU model beside NVML: never bill it the GPU's joules
             log.warning("the %s meter does not see device(s) %s: their generations are "
                         "estimated (CPU time x watts per core)", meter.backend, ", ".join(unseen))
@@ -640,7 +644,7 @@ class Server:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {request.op!r}", request.id)
 
     def health(self) -> dict[str, Any]:
-        return {
+        reply = {
             "status": "draining" if self.engine.draining else "serving",
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 3),
@@ -649,6 +653,10 @@ class Server:
             "queue_size": self.engine.queue_size,
             "in_flight": self.engine.in_flight(),
         }
+        remotes = self.engine.zoo.remotes()
+        if remotes:  # a remote in an outage does not make the daemon unhealthy: it says so
+            reply["remotes"] = remotes
+        return reply
 
     def stats(self) -> dict[str, Any]:
         return {

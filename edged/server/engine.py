@@ -48,6 +48,9 @@ from edged.zoo import (
     GenerationResult,
     InvalidRequestError,
     LoadedModel,
+    RemoteModel,
+    RemoteResult,
+    RemoteUnavailableError,
     UnknownModelError,
     Zoo,
     ZooError,
@@ -106,6 +109,8 @@ class _Finished:
 class _Output:
     result: GenerationResult
     record: EnergyRecord | None
+    #: a remote model: the local meter over the wait (reported apart, never learned)
+    wait: EnergyRecord | None = None
 
     @property
     def joules(self) -> float | None:
@@ -141,6 +146,7 @@ class _Routed:
     dim_bits: int
     run: tuple[str, ...]                 # served model first
     queue_ms: float
+    excluded: frozenset[str] = frozenset()  # remote models that failed this request
 
 
 @dataclass(eq=False)
@@ -151,6 +157,16 @@ class _Exploration:
     finished: _Finished
     model: str
     judged: str | None = None            # a judge run: the model whose reply it judges
+
+
+class _Outage(ProtocolError):
+    """A remote model could not serve (down, slow, refused): `model_error` for a request that
+    named it; a routed request is routed again without it, unless text already streamed."""
+
+    def __init__(self, message: str, request_id: str, model: str, streamed: bool) -> None:
+        super().__init__(ErrorCode.MODEL_ERROR, message, request_id)
+        self.model = model
+        self.streamed = streamed
 
 
 class Tasks:
@@ -501,7 +517,20 @@ class Engine:
                 if target != device:  # the served model lives on another device's worker
                     self._queue.put_routed(target, routed)
                     continue
-                reply, explore = self._serve(routed)
+                try:
+                    reply, explore = self._serve(routed)
+                except _Outage as exc:
+                    excluded = routed.excluded | {exc.model}
+                    if (routed.decision is None or exc.streamed
+                            or excluded >= set(self.zoo.names)):
+                        raise
+                    # the router learns nothing from the outage: this decision is dropped and
+                    # the request decided again without the failed model
+                    log.warning("request %s: %s; routing it again without %s",
+                                job.request.id, exc.message, exc.model)
+                    routed = self._route(job, frozenset(excluded))
+                    self._queue.put_routed(self._worker_device(routed.run[0]), routed)
+                    continue
             except ProtocolError as exc:
                 self.count_error(exc.code)
                 extra = ({"text": exc.text} if isinstance(exc, Stopped)
@@ -529,7 +558,7 @@ class Engine:
             for task in explore:  # after the reply: the client does not wait for these
                 self._queue.put_exploration(self._worker_device(task.model), task)
 
-    def _route(self, job: Job) -> _Routed:
+    def _route(self, job: Job, excluded: frozenset[str] = frozenset()) -> _Routed:
         req = job.request
         started = time.monotonic()
         if job.cancel.is_set():
@@ -541,14 +570,19 @@ class Engine:
             if req.model is None:
                 # the client waits for the served model only: its remaining time is the budget
                 remaining_ms = max(1e-3, (job.deadline - started) * 1000.0)
-                decision = self.router.decide(req.text(), deadline_ms=remaining_ms)
+                down = (self.zoo.unavailable() | excluded) & set(self.router.names)
+                if down:  # remote models in an outage: routed around, nothing learned
+                    decision = self.router.decide(req.text(), deadline_ms=remaining_ms,
+                                                  exclude=down)
+                else:
+                    decision = self.router.decide(req.text(), deadline_ms=remaining_ms)
                 self.router_dirty = True
         if decision is None:
             assert req.model is not None
             run: tuple[str, ...] = (req.model,)
         else:
             run = (decision.model, *(m for m in decision.run if m != decision.model))
-        return _Routed(job, decision, dim_bits, run, queue_ms)
+        return _Routed(job, decision, dim_bits, run, queue_ms, excluded)
 
     def _serve(self, routed: _Routed) -> tuple[dict[str, Any], list[_Exploration]]:
         """Run the served model, learn from it, and return the reply and the explorations."""
@@ -869,21 +903,28 @@ class Engine:
         except InvalidRequestError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), req.id) from None
         on_delta = None
+        streamed: list[bool] = []
         if stream:
             def on_delta(text: str) -> None:
+                streamed.append(True)
                 self._emit(job.envelope, delta_message(req.id, text))
+        remote = isinstance(model, RemoteModel)
+        # a remote's budget also ends at the request's deadline (network time included)
+        extra: dict[str, Any] = {"deadline": job.deadline} if remote else {}
 
         def call() -> GenerationResult:
             if req.prompt is not None:
                 return model.generate(req.prompt, params=params, on_delta=on_delta,
-                                      cancel=job.cancel)
+                                      cancel=job.cancel, **extra)
             return model.generate(messages=[dict(m) for m in req.messages or ()],
-                                  params=params, on_delta=on_delta, cancel=job.cancel)
+                                  params=params, on_delta=on_delta, cancel=job.cancel, **extra)
 
         device = self._worker_device(name)
         with self._device_locks[device]:
             try:
-                return self._measured(call, self.devices.get(name, device))
+                return self._measured(call, self.devices.get(name, device), remote=remote)
+            except RemoteUnavailableError as exc:
+                raise _Outage(str(exc), req.id, name, bool(streamed)) from None
             except InvalidRequestError as exc:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name}: {exc}", req.id) from None
             except ZooError as exc:
@@ -898,29 +939,39 @@ class Engine:
             if self.fallback_meter is None:
                 return None
             meter = self.fallback_meter
-        if len(self._device_locks) == 1:
+        local = [d for d in self._device_locks if not d.startswith("remote:")]
+        if len(local) <= 1:  # remote workers are no local device: nothing to split with
             return meter.window()
         return meter.window(device=device)
 
-    def _measured(self, call: Callable[[], GenerationResult], device: str) -> _Output:
-        """Run `call` in an energy window; a failing meter costs the reading, not the reply."""
+    def _measured(self, call: Callable[[], GenerationResult], device: str, *,
+                  remote: bool = False) -> _Output:
+        """Run `call` in an energy window; a failing meter costs the reading, not the reply.
+        A remote model's joules come with its result; the local meter measures the wait over
+        its whole scope (no device window: a wait must not take a share of a local
+        generation's joules), reported apart."""
         results: list[GenerationResult] = []
         try:
-            window = self._window(device)
+            window = self.meter.window() if remote else self._window(device)
             if window is None:
-                return _Output(call(), None)
+                return _remote_output(call(), None) if remote else _Output(call(), None)
             with window:
                 results.append(call())
+            if remote:
+                return _remote_output(results[0], window.record)
             return _Output(results[0], window.record)
         except EnergyError as exc:
             log.warning("energy window failed: %s", exc)
-            return _Output(results[0] if results else call(), None)
+            result = results[0] if results else call()
+            return _remote_output(result, None) if remote else _Output(result, None)
 
     # -- reporting -----------------------------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:
+        remotes = self.zoo.remotes()
         return [
-            {"name": name, "rank": i, "device": self.devices.get(name, "cpu")}
+            {"name": name, "rank": i, "device": self.devices.get(name, "cpu"),
+             **({"remote": remotes[name]} if name in remotes else {})}
             for i, name in enumerate(self.zoo.names)
         ]
 
@@ -1032,8 +1083,42 @@ def _params(model: LoadedModel, req: GenerateRequest) -> GenerationParams:
     return replace(model.defaults, **changes)
 
 
+def _remote_output(result: GenerationResult, wait: EnergyRecord | None) -> _Output:
+    """A remote run's output: the record the remote (or the cost model) gave, the wait apart."""
+    energy = result.energy if isinstance(result, RemoteResult) else None
+    record = None
+    if isinstance(energy, dict):
+        try:
+            record = EnergyRecord(
+                joules=float(energy["joules"]),
+                dynamic_joules=float(energy.get("dynamic_joules", energy["joules"])),
+                per_rail_j={str(k): float(v) for k, v in (energy.get("per_rail_j") or {}).items()},
+                window_s=float(energy.get("window_s", 0.0)), method=str(energy.get("method", "")),
+                approximate=bool(energy.get("approximate", True)),
+                samples=int(energy.get("samples", 0)),
+                attribution=str(energy.get("attribution", "exclusive")),
+                scope_channels=tuple(map(str, energy.get("scope_channels") or ())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("remote %s: energy record unreadable (%s): not learned", result.model,
+                        exc)
+        if record is not None and not (math.isfinite(record.joules) and record.joules >= 0):
+            record = None
+    return _Output(result, record, wait)
+
+
 def _output_fields(out: _Output, name: str, queue_ms: float) -> dict[str, Any]:
     r, rec = out.result, out.record
+    energy = None if rec is None else rec.to_dict()
+    if isinstance(r, RemoteResult):
+        wait = None if out.wait is None else out.wait.to_dict()
+        return {**_fields(r, name, queue_ms, energy),
+                "remote": {**_plain(r.remote), "local_wait": wait}}
+    return _fields(r, name, queue_ms, energy)
+
+
+def _fields(r: GenerationResult, name: str, queue_ms: float,
+            energy: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "text": r.text,
         "model": name,
@@ -1045,7 +1130,7 @@ def _output_fields(out: _Output, name: str, queue_ms: float) -> dict[str, Any]:
             "total_ms": round(r.total_ms, 3),
             "tokens_per_s": round(r.tokens_per_s, 3),
         },
-        "energy": None if rec is None else rec.to_dict(),
+        "energy": energy,
     }
 
 

@@ -14,9 +14,20 @@ from edged.zoo.errors import (
 from edged.zoo.manifest import ModelEntry, Zoo, ZooManifest, ZooSettings
 from edged.zoo.model import LoadedModel, ProviderFallbackWarning, SessionConfig, load_model
 from edged.zoo.params import GenerationParams, GenerationResult
+from edged.zoo.remote import (
+    CircuitBreaker,
+    CostModel,
+    RemoteModel,
+    RemoteResult,
+    RemoteSpec,
+    RemoteTimeoutError,
+    RemoteUnavailableError,
+)
 
 __all__ = [
+    "CircuitBreaker",
     "ContextOverflowError",
+    "CostModel",
     "GenerationParams",
     "GenerationResult",
     "InvalidRequestError",
@@ -26,6 +37,11 @@ __all__ = [
     "ModelLoadError",
     "ProviderError",
     "ProviderFallbackWarning",
+    "RemoteModel",
+    "RemoteResult",
+    "RemoteSpec",
+    "RemoteTimeoutError",
+    "RemoteUnavailableError",
     "SessionConfig",
     "UnknownModelError",
     "Zoo",

@@ -21,6 +21,7 @@ from typing import Any
 from edged.zoo.errors import InvalidRequestError, ManifestError, ModelLoadError, UnknownModelError
 from edged.zoo.model import LoadedModel, SessionConfig, find_model_file, model_size_bytes
 from edged.zoo.params import GenerationParams
+from edged.zoo.remote import RemoteModel, RemoteSpec, parse_remote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +53,8 @@ class ModelEntry:
     session: SessionConfig
     generation: GenerationParams = field(default_factory=GenerationParams)
     context: int | None = None
+    #: a remote model (`kind = "edged"` / `"openai"`): no path, no session (edged.zoo.remote)
+    remote: RemoteSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ def _entry(entry: Any, index: int, zoo: ZooSettings, path: Path) -> ModelEntry:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ManifestError(path, f"{name!r} is not a name (letters, digits, . _ -)",
                             model=f"models[{index}]", field="name")
+    remote = parse_remote(entry, name, path) if "kind" in entry else None
+    if remote is not None:
+        return _remote_entry(entry, name, remote, zoo, path)
     _only(entry, {"name", "path", "providers", "allow_fallback", "intra_op_threads",
                   "inter_op_threads", "context", "generation"}, path, name, "")
     raw_path = entry.get("path")
@@ -167,6 +173,17 @@ def _entry(entry: Any, index: int, zoo: ZooSettings, path: Path) -> ModelEntry:
     for key in ("intra_op_threads", "inter_op_threads"):
         threads[key] = _check(entry.get(key, getattr(zoo, key)), _int(entry.get(key, 0)), path,
                               name, key, "an integer >= 0")
+    context, params = _context_and_generation(entry, name, path)
+    session = SessionConfig(providers=providers, allow_fallback=fallback, **threads)
+    model_path = Path(raw_path)
+    if not model_path.is_absolute():
+        model_path = path.parent / model_path
+    return ModelEntry(name=name, path=model_path, session=session, generation=params,
+                      context=context)
+
+
+def _context_and_generation(entry: Mapping[str, Any], name: str,
+                            path: Path) -> tuple[int | None, GenerationParams]:
     context = entry.get("context")
     if context is not None:
         _check(context, _int(context) and context > 0, path, name, "context",
@@ -182,12 +199,16 @@ def _entry(entry: Any, index: int, zoo: ZooSettings, path: Path) -> ModelEntry:
     except InvalidRequestError as exc:
         bad = str(exc).split("=", 1)[0]
         raise ManifestError(path, str(exc), model=name, field=f"generation.{bad}") from exc
-    session = SessionConfig(providers=providers, allow_fallback=fallback, **threads)
-    model_path = Path(raw_path)
-    if not model_path.is_absolute():
-        model_path = path.parent / model_path
-    return ModelEntry(name=name, path=model_path, session=session, generation=params,
-                      context=context)
+    return context, params
+
+
+def _remote_entry(entry: Mapping[str, Any], name: str, remote: RemoteSpec, zoo: ZooSettings,
+                  path: Path) -> ModelEntry:
+    """A remote model: no directory and no session; `path` only names where it is."""
+    context, params = _context_and_generation(entry, name, path)
+    session = SessionConfig(providers=zoo.providers, allow_fallback=zoo.allow_fallback)
+    return ModelEntry(name=name, path=Path(f"remote:{name}"), session=session,
+                      generation=params, context=context, remote=remote)
 
 
 class Zoo:
@@ -253,6 +274,19 @@ class Zoo:
         """Weights of the loaded models (their on-disk size) in MiB."""
         with self._lock:
             return sum(m.size_bytes for m in self._loaded.values()) / 2**20
+
+    def unavailable(self) -> set[str]:
+        """Remote models whose circuit is open now: the router routes around them."""
+        with self._lock:
+            loaded = list(self._loaded.values())
+        return {m.name for m in loaded if isinstance(m, RemoteModel) and not m.available()}
+
+    def remotes(self) -> dict[str, dict[str, Any]]:
+        """name -> state of each remote model (kind, where, circuit) for `health`/`models`."""
+        with self._lock:
+            loaded = dict(self._loaded)
+        return {n: loaded[n].status() for n in self.names
+                if isinstance(loaded.get(n), RemoteModel)}
 
     def status(self) -> dict[str, str]:
         """name -> "loaded" | "unloaded" | "failed: <why>" (for `edged stats`)."""
@@ -323,8 +357,13 @@ class Zoo:
                 self._failures[name] = exc
                 raise
         try:
-            model = LoadedModel(entry.path, name=name, session_config=entry.session,
-                                defaults=entry.generation, context=entry.context)
+            model: LoadedModel | RemoteModel
+            if entry.remote is not None:  # never contacts the remote: an outage is no load error
+                model = RemoteModel(name, entry.remote, defaults=entry.generation,
+                                    context=entry.context)
+            else:
+                model = LoadedModel(entry.path, name=name, session_config=entry.session,
+                                    defaults=entry.generation, context=entry.context)
         except ModelLoadError as exc:
             with self._lock:
                 self._reserved.pop(name, None)
@@ -338,7 +377,7 @@ class Zoo:
     def _make_room(self, entry: ModelEntry, *, evict: bool) -> int:
         """Under the lock: evict least recently used models until `entry` fits; its bytes."""
         cap = self.manifest.settings.memory_cap_mb * 2**20
-        if not cap or not entry.path.is_dir():
+        if not cap or entry.remote is not None or not entry.path.is_dir():
             return 0  # no cap, or LoadedModel will report the missing directory
         need = model_size_bytes(find_model_file(entry.path, entry.name))
         if need > cap:
