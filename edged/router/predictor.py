@@ -267,17 +267,14 @@ class Predictor:
         vectors, weighted by similarity squared), shrunk to the running rate with the weight of
         two labels: a few labels of requests shaped alike (a 3-digit sum, a yes/no question)
         say more than hundreds of n-gram weights can learn from them."""
-        out = self.rates.copy()
-        for m in range(self.n_models):
-            n = min(int(self.memory_n[m]), self.MEMORY)
-            if n == 0:
-                continue
-            sims = self.memory_shape[m, :n] @ shape
-            k = min(self.NEIGHBOURS, n)
-            top = np.argpartition(-sims, k - 1)[:k] if n > k else np.arange(n)
-            w = np.maximum(sims[top], 0.0) ** 2
-            out[m] = (w @ self.memory_label[m, top] + 2.0 * self.rates[m]) / (w.sum() + 2.0)
-        return out
+        sims = self.memory_shape @ shape  # (models, MEMORY): one matmul for every model
+        filled = np.arange(self.MEMORY)[None, :] < self.memory_n[:, None]
+        sims = np.where(filled, sims, -1.0)
+        k = min(self.NEIGHBOURS, self.MEMORY)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        w = np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) ** 2
+        hits = (w * np.take_along_axis(self.memory_label, top, axis=1)).sum(axis=1)
+        return (hits + 2.0 * self.rates) / (w.sum(axis=1) + 2.0)
 
     def predict(self, features: Features) -> np.ndarray:
         """Satisfaction probability per model.
