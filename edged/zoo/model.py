@@ -92,8 +92,12 @@ def _resolve_providers(cfg: SessionConfig, model: str) -> list[str]:
     wanted = list(cfg.providers) or ["CPUExecutionProvider"]
     missing = [p for p in wanted if p not in available]
     if missing:
+        hint = ""
+        if any(p in GPU_PROVIDERS for p in missing) and "onnxruntime-gpu" not in \
+                runtime_packages():
+            hint = "; onnxruntime-gpu is not installed (pip install -e '.[gpu]')"
         _fallback(cfg, model, f"execution provider(s) {missing} not in this onnxruntime build "
-                              f"(available: {available})")
+                              f"(available: {available}; packages: {runtime_packages()}){hint}")
     kept = [p for p in wanted if p in available]
     return kept or ["CPUExecutionProvider"]
 
@@ -105,8 +109,48 @@ def _fallback(cfg: SessionConfig, model: str, message: str) -> None:
                   stacklevel=3)
 
 
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml",
+                     "onnxruntime-openvino", "onnxruntime-qnn", "onnxruntime-training")
+
+
+def runtime_packages() -> dict[str, str]:
+    """Installed distributions that provide the `onnxruntime` module, with their versions.
+    More than one means the files of the last one installed shadow the others' (a CUDA build
+    overwritten by the CPU one reports only CPUExecutionProvider)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def runtime_conflict() -> str | None:
+    """A message when several onnxruntime packages share the module, else None."""
+    found = runtime_packages()
+    if len(found) < 2:
+        return None
+    names = " ".join(found)
+    return (f"several onnxruntime packages are installed ({found}); they share one "
+            f"`onnxruntime` module and the last installed wins (now: "
+            f"{ort.get_available_providers()}). Keep one: pip uninstall -y {names} && "
+            "pip install onnxruntime-gpu  (or onnxruntime for CPU only)")
+
+
+_warned_conflict = False
+
+
 def create_session(path: Path, cfg: SessionConfig, model: str) -> ort.InferenceSession:
     """Build the session and check that the first provider asked for is the one running."""
+    global _warned_conflict
+    conflict = runtime_conflict()
+    if conflict and not _warned_conflict:
+        _warned_conflict = True
+        warnings.warn(conflict, RuntimeWarning, stacklevel=2)
+        log.warning("%s", conflict)
     providers = _resolve_providers(cfg, model)
     if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
         try:  # finds CUDA/cuDNN from pip-installed nvidia packages (onnxruntime-gpu >= 1.21)
