@@ -57,6 +57,12 @@ def _chunks(prompt: list[int], dtype: type) -> list[np.ndarray]:
             for i in range(0, len(prompt), PREFILL_CHUNK)]
 
 
+def _cancelled(cancel: threading.Event | None, done: int) -> bool:
+    """Checked between prefill chunks (never before the first: a request cancelled before it
+    started does not reach the runner)."""
+    return done > 0 and cancel is not None and cancel.is_set()
+
+
 class _Feeds:
     """Inputs of one request, preallocated for its whole length."""
 
@@ -95,9 +101,12 @@ class NumpyRunner:
         self.pasts = [s.past for s in spec.kv]
         self.length = 0
 
-    def prefill(self, prompt: list[int]) -> np.ndarray:
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
         self.current = {s.past: np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv}
         for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
             self.current.update(self.feeds.inputs(chunk, self.length))
             logits = self._run(chunk.shape[1])
         return logits
@@ -125,11 +134,14 @@ class BoundRunner:
         self.binding = session.io_binding()
         self.length = 0
 
-    def prefill(self, prompt: list[int]) -> np.ndarray:
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
         self._empty = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
         for slot, empty in zip(self.spec.kv, self._empty, strict=True):
             self.binding.bind_cpu_input(slot.past, empty)
         for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
             logits = self._run(chunk)
         return logits
 
@@ -175,8 +187,11 @@ class SharedRunner:
         self.length = 0
         self.total = total
 
-    def prefill(self, prompt: list[int]) -> np.ndarray:
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
         for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
             logits = self._run(chunk)
         return logits
 
@@ -245,8 +260,10 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
     if cancel is not None and cancel.is_set():
         finish = "cancelled"
     else:
-        logits = runner.prefill(prompt_ids)
-        while True:
+        logits = runner.prefill(prompt_ids, cancel)
+        if logits is None:  # cancelled between prefill chunks
+            finish = "cancelled"
+        while logits is not None:
             token = sampler(logits)
             if t_first is None:
                 t_first = time.perf_counter()
