@@ -17,9 +17,9 @@ Backends (`--backend`):
            then onnxruntime's MatMulNBits quantiser for int8/int4, or an fp16 conversion.
   auto     genai when its builder imports, else optimum (the default).
 
-Precisions: fp32; fp16 (for --target cuda); int8 = 8-bit weight-only MatMulNBits with fp32
-compute (correct on every CPU: see edged/zoo/quantize.py for why not MatMulInteger); int4 =
-4-bit MatMulNBits, blocks of 32 (genai: int8 activations on CPU, accuracy level 4).
+Precisions: fp32; fp16 (for --target cuda); int8 / int4 = 8-bit / 4-bit weight-only
+MatMulNBits, symmetric blocks of 32, int8 activations on CPU (accuracy level 4): correct on every
+x86 and ARM CPU, see edged/zoo/quantize.py for why not MatMulInteger.
 """
 
 from __future__ import annotations
@@ -87,8 +87,6 @@ def export_genai(hf_dir: Path, out: Path, *, precision: str, target: str) -> Non
 
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
            "-o", str(out), "-p", precision, "-e", target, "-c", str(out / ".cache")]
-    if precision == "int8":  # fp32 compute: int8 activations are not needed to be fast
-        cmd += ["--extra_options", "accuracy_level=1"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(out / ".cache", ignore_errors=True)
     if done.returncode != 0:

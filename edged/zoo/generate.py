@@ -303,3 +303,25 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
         model=model.name,
         prompt_ids=list(prompt_ids),
     )
+
+
+def teacher_forced_agreement(model: Runnable, prompt_ids: list[int],
+                             reference: list[int]) -> tuple[float, int]:
+    """How often this model's greedy choice equals `reference` (another model's greedy ids)
+    when both see the same prefix: (share of positions that agree, length of the identical
+    prefix a free-running greedy decode would produce). Fair to compare a quantised model with
+    fp32: one early different token does not count every later position as wrong."""
+    session = model.session
+    if session is None:
+        raise ZooError(f"model {model.name} was unloaded")
+    runner = make_runner(model, session, len(prompt_ids) + len(reference))
+    logits = runner.prefill(prompt_ids)
+    same, prefix = 0, None
+    for i, token in enumerate(reference):
+        hit = int(np.argmax(logits[: model.tokenizer_vocab])) == token
+        same += hit
+        if not hit and prefix is None:
+            prefix = i
+        if i + 1 < len(reference):
+            logits = runner.step(token)
+    return same / max(1, len(reference)), len(reference) if prefix is None else prefix
