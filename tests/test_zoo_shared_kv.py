@@ -145,3 +145,20 @@ def test_shared_runner_allocates_the_cache_once(models) -> None:
     assert [v.data_ptr() for v in runner.cache] == cache
     assert runner.cache[0].shape() == [1, KV_HEADS, 20, HEAD]
     assert runner.length == len(shared.encode_prompt(PROMPT)) + 5
+
+
+def test_last_token_logits_graph_gives_the_same_ids(models, tmp_path: Path) -> None:
+    """export_zoo's default: the lm_head sees the last position only; same ids, (1, 1, V)."""
+    from edged.zoo.quantize import last_token_logits
+
+    shared, _ = models
+    out = tmp_path / "last"
+    import shutil
+
+    shutil.copytree(shared.directory, out)
+    assert last_token_logits(out / "model.onnx", out / "model.onnx")
+    last = load_model(out)
+    assert last.spec.logits_last_only and not shared.spec.logits_last_only
+    params = GenerationParams(max_new_tokens=24)
+    assert last.generate(PROMPT, params=params).token_ids == \
+        shared.generate(PROMPT, params=params).token_ids

@@ -205,6 +205,10 @@ def export_one(hf_dir: Path, args: argparse.Namespace, name: str) -> dict:
             log(f"{name}: converting weights to {args.precision} ...")
             before, _ = quantize(out, args.precision)
             info["size_mb_fp32"] = round(before / 2**20, 1)
+    if not args.all_logits:
+        from edged.zoo.quantize import last_token_logits
+
+        info["last_token_logits"] = last_token_logits(out / "model.onnx", out / "model.onnx")
     info["export_s"] = round(time.perf_counter() - t, 1)
     from edged.zoo.quantize import onnx_size
 
@@ -233,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="genai: fused graphs (onnxruntime-genai's builder); optimum: "
                         "optimum's export + onnxruntime quantisers; auto: genai if it imports")
     p.add_argument("--int8", action="store_true", help="same as --precision int8")
+    p.add_argument("--all-logits", action="store_true",
+                   help="keep logits for every prompt position (default: the graph returns the "
+                        "last position's only, which is all edged reads; onnxruntime-genai "
+                        "and optimum's generate need all of them)")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--no-validate", action="store_true", help="skip optimum's output check")
     p.add_argument("--smoke-prompt", default="Hello")

@@ -208,8 +208,9 @@ class SharedRunner:
         b.bind_cpu_input("attention_mask", self.mask[:end].reshape(1, end))
         # logits land in a host buffer of ours (one preallocated row when decoding), so the
         # result is read without asking the binding for its outputs
-        out = self.logits1 if n == 1 else np.empty((1, n, self.spec.vocab_size),
-                                                   dtype=self.spec.logits_dtype)
+        rows = 1 if self.spec.logits_last_only else n
+        out = self.logits1 if rows == 1 else np.empty((1, rows, self.spec.vocab_size),
+                                                      dtype=self.spec.logits_dtype)
         b.bind_output(self.spec.logits, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         self.session.run_with_iobinding(b)
         self.length = end

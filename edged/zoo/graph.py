@@ -51,6 +51,9 @@ class GraphSpec:
     vocab_size: int
     logits_dtype: type
     kv: tuple[KVSlot, ...]
+    # the graph returns the last position's logits only (edged's exports: prefill skips the
+    # (prompt x vocab) lm_head product it never reads)
+    logits_last_only: bool = False
     # past and present may be one pre-allocated (batch, heads, max_len, head_dim) buffer that the
     # graph writes in place (GroupQueryAttention reads the length from attention_mask)
     shared_kv: bool = False
@@ -123,6 +126,7 @@ def inspect_graph(session: ort.InferenceSession, config: dict[str, Any], model: 
         logits_dtype=_dtype(outputs[logits].type, logits, model),
         kv=tuple(slots),
         shared_kv=shared_kv and "attention_mask" in inputs,
+        logits_last_only=len(outputs[logits].shape or ()) == 3 and outputs[logits].shape[1] == 1,
     )
 
 

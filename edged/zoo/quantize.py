@@ -158,3 +158,45 @@ def emulate_avx2_u8s8(src: Path, dst: Path) -> int:
     graph.initializer.extend(new_inits)
     save(model, dst)
     return rewritten
+
+
+def last_token_logits(src: Path, dst: Path) -> bool:
+    """Make the graph compute logits for the last position only: a Slice of the hidden states
+    (batch, seq, hidden)[:, -1:] before the lm_head product that writes the `logits` output.
+    Prefill then skips (prompt - 1) x vocab x hidden multiply-adds it never reads (SmolLM2:
+    a fifth of the prefill work) and returns (1, 1, vocab). Returns False (and writes nothing)
+    when the producer of `logits` is not a MatMul-like node on a rank-3 input."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    out = next((o for o in graph.output if o.name == "logits"), None)
+    node = next((n for n in graph.node if "logits" in n.output), None)
+    if out is None or node is None or node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+        return False
+    hidden = node.input[0]
+    sliced = hidden + "/last_token"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), sliced + "/starts"),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), sliced + "/ends"),
+        numpy_helper.from_array(np.array([1], np.int64), sliced + "/axes"),
+    ])
+    at = list(graph.node).index(node)
+    graph.node.insert(at, helper.make_node(
+        "Slice", [hidden, sliced + "/starts", sliced + "/ends", sliced + "/axes"], [sliced],
+        name="edged/last_token_logits"))
+    node.input[0] = sliced
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) == 3:
+        dims[1].Clear()
+        dims[1].dim_value = 1
+    data = [f for f in src.parent.iterdir() if f.name.startswith(src.name) and f != src]
+    for f in dst.parent.glob(dst.name + "*"):  # all weights are in memory now
+        f.unlink()
+    if data:  # weights stay in one data file beside the graph (onnx appends to an old one)
+        onnx.save_model(model, str(dst), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data[0].name)
+    else:
+        save(model, dst)
+    return True

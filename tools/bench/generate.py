@@ -103,7 +103,10 @@ def run_genai(path: str, ids: list[int], n: int, threads: int, repeats: int) -> 
 
 
 def run_llamacpp(path: str, ids: list[int], n: int, threads: int, repeats: int) -> dict:
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError:  # llama-cpp-cffi: the C API through cffi
+        return run_llamacpp_cffi(path, ids, n, threads, repeats)
 
     t = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=len(ids) + n + 8, n_threads=threads or None,
@@ -125,6 +128,44 @@ def run_llamacpp(path: str, ids: list[int], n: int, threads: int, repeats: int) 
                 "tokens_per_s": (len(out) - 1) / (end - first) if len(out) > 1 else 0.0}
 
     return {"load_s": load_s, "runs": _timed(one, repeats), "provider": "llama.cpp"}
+
+
+def run_llamacpp_cffi(path: str, ids: list[int], n: int, threads: int, repeats: int) -> dict:
+    """llama.cpp's own C API (package llama-cpp-cffi, module `llama`): batch the prompt, then one
+    llama_decode per token, llama.cpp's greedy sampler."""
+    from llama._llama_cpp_cpu import ffi, lib
+
+    lib.llama_backend_init()
+    t = time.perf_counter()
+    model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+    cp = lib.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = len(ids) + n + 8
+    if threads:
+        cp.n_threads = cp.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, cp)
+    sampler = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    lib.llama_sampler_chain_add(sampler, lib.llama_sampler_init_greedy())
+    load_s = time.perf_counter() - t
+    prompt = ffi.new("llama_token[]", ids)
+    one_token = ffi.new("llama_token[1]")
+
+    def one() -> dict:
+        lib.llama_kv_self_clear(ctx)
+        t0 = time.perf_counter()
+        if lib.llama_decode(ctx, lib.llama_batch_get_one(prompt, len(ids))) != 0:
+            raise RuntimeError("llama_decode failed on the prompt")
+        out = [int(lib.llama_sampler_sample(sampler, ctx, -1))]
+        first = time.perf_counter()
+        while len(out) < n:
+            one_token[0] = out[-1]
+            if lib.llama_decode(ctx, lib.llama_batch_get_one(one_token, 1)) != 0:
+                raise RuntimeError("llama_decode failed")
+            out.append(int(lib.llama_sampler_sample(sampler, ctx, -1)))
+        end = time.perf_counter()
+        return {"ttft_ms": (first - t0) * 1e3, "ids": out,
+                "tokens_per_s": (len(out) - 1) / (end - first) if len(out) > 1 else 0.0}
+
+    return {"load_s": load_s, "runs": _timed(one, repeats), "provider": "llama.cpp (cffi)"}
 
 
 def run_optimum(path: str, ids: list[int], n: int, threads: int, repeats: int) -> dict:
@@ -186,12 +227,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def available(engine: str) -> str | None:
     """None when the engine's package imports in a subprocess like the worker's, else why not."""
-    probe = [sys.executable, "-c", f"import {MODULES[engine]}"]
+    module = MODULES[engine]
+    if engine == "llamacpp":  # llama-cpp-python, else llama-cpp-cffi's CPU build
+        module = "llama_cpp" if _imports("llama_cpp") else "llama._llama_cpp_cpu"
+    probe = [sys.executable, "-c", f"import {module}"]
     done = subprocess.run(probe, capture_output=True, text=True, check=False)
     if done.returncode == 0:
         return None
     last = (done.stderr.strip().splitlines() or ["?"])[-1]
-    return f"{MODULES[engine]} does not import ({last[:120]})"
+    return f"{module} does not import ({last[:120]})"
+
+
+def _imports(module: str) -> bool:
+    probe = [sys.executable, "-c", f"import {module}"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
 def size_mb(path: str) -> float:
