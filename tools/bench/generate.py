@@ -36,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENGINES = ("edged", "genai", "llamacpp", "optimum")
+THP = "glibc.malloc.hugetlb=1"  # transparent huge pages for malloc'd memory (glibc >= 2.35)
 MODULES = {"edged": "onnxruntime", "genai": "onnxruntime_genai", "llamacpp": "llama_cpp",
            "optimum": "optimum.onnxruntime"}
 
@@ -270,7 +271,10 @@ def _spawn(entry: dict, ids: list[int], args: argparse.Namespace) -> dict:
     spec = {"engine": entry["engine"], "path": entry["path"], "ids": ids,
             "n": args.max_new_tokens, "threads": args.threads, "repeats": args.repeats}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if args.thp:  # every engine alike: glibc's malloc asks for transparent huge pages
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), THP]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-1500:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -324,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="intra/inter-op threads, all engines")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternating subprocess rounds")
+    p.add_argument("--thp", action="store_true",
+                   help=f"run every engine with GLIBC_TUNABLES={THP}: weights in transparent "
+                        "huge pages (fewer TLB misses while streaming them each token)")
     p.add_argument("--out", type=Path, default=Path("out/bench/generate.json"))
     p.add_argument("--plot", type=Path, default=None, help="also draw a PNG here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens,
         "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+        "glibc_tunables": THP if args.thp else None,
         "reference": "golden greedy_ids" if reference else "first row's ids",
         "notes": notes, "results": rows}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
