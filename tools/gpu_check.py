@@ -8,9 +8,10 @@ Steps (each a row: ok / FAIL / skip, seconds, detail):
   export      (--export-hf DIR) tools/export_zoo.py --target cuda on a Hugging Face dir
   stories260k greedy ids from BOS on CUDA == ../shared/models/stories260K/golden.json
   model:NAME  each --model dir loaded on CUDA (allow_fallback off): provider really CUDA, device
-              id, greedy ids vs the golden file beside the bench (SmolLM2) or vs the same model
-              on CPU, and the known risks of the CUDA path: KV cache on the device and allocated
-              once (SharedRunner), TensorRT shape churn, prefill logits copied to the host
+              id, teacher-forced greedy agreement (>= 0.8) with the golden ids beside the bench
+              (SmolLM2 fp32) or with the same model on CPU, and the known risks of the CUDA
+              path: KV cache on the device and allocated once (SharedRunner), TensorRT shape
+              churn, prefill logits copied to the host
   bench:NAME  decode tokens/s and TTFT on CUDA (greedy, --new-tokens, 1 request at a time)
   energy      joules of a known load (generation for --energy-s seconds) through edged.energy's
               NVML meter against NVML's own counter read directly before and after (within 5%)
@@ -43,7 +44,9 @@ SMOLLM2_GOLDEN = ROOT / "tools" / "bench" / "smollm2_golden.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ENERGY_TOLERANCE = 0.05
-MIN_AGREEMENT = 0.9  # fp16/int4 on CUDA vs the CPU/fp32 golden: first ids may drift late
+# teacher-forced top-1 agreement with the fp32 golden ids: SmolLM2 int4 0.85, int8 0.97 on CPU;
+# a broken CUDA path (wrong cache, wrong positions) gives ~0. stories260K is checked exactly.
+MIN_AGREEMENT = 0.8
 
 
 class Check:
@@ -182,16 +185,17 @@ def check_model(directory: Path, provider: str, new_tokens: int, models: dict) -
         risks["kv_allocated_once"] = False  # optimum graphs: a new present every token
     want_device = "cuda" if provider == CUDA else "cpu"
     bad = []
-    if agree < (1.0 if provider == CPU else MIN_AGREEMENT):
+    if agree < MIN_AGREEMENT:
         bad.append(f"agreement {agree:.3f} with {against}")
     if model.spec.shared_kv and (risks.get("kv_device") != [want_device]
                                  or not risks["kv_allocated_once"]):
         bad.append(f"KV cache {risks.get('kv_device')} once={risks['kv_allocated_once']}")
     if risks["tensorrt"]:
         bad.append("TensorRT: no profile shapes are set, the engine may rebuild per length")
-    detail = (f"{model.provider} dev {model.device_id}, {len(ids)} ids, top-1 agreement "
-              f"{agree:.3f} vs {against} (same first {prefix}), shared KV "
-              f"{model.spec.shared_kv}")
+    kv = (f"KV on {','.join(risks['kv_device'])}, allocated once "
+          f"{risks['kv_allocated_once']}" if model.spec.shared_kv else "KV per token (optimum)")
+    detail = (f"{model.provider} dev {model.device_id}, agreement {agree:.3f} vs {against} "
+              f"over {len(ids)} ids (same first {prefix}), {kv}")
     return ("FAIL" if bad else "ok", detail + ("; " + "; ".join(bad) if bad else ""),
             {"agreement": agree, "identical_prefix": prefix, "against": against,
              "risks": risks})
