@@ -242,3 +242,24 @@ def test_chunked_prefill_gives_the_same_ids(bound: bool, rule, llama, monkeypatc
     for m in (rule, llama):
         result = m.generate(prompt, params=params)
         assert result.prompt_tokens > 3 and result.token_ids == whole[m.name]
+
+
+def test_cancel_is_checked_between_prefill_chunks(rule, monkeypatch) -> None:
+    import threading
+
+    import edged.zoo.generate as gen
+
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)
+    cancel = threading.Event()
+    real = gen.NumpyRunner._run
+    runs = []
+
+    def run(self, n):
+        runs.append(n)
+        cancel.set()  # set while the first chunk runs
+        return real(self, n)
+
+    monkeypatch.setattr(gen.NumpyRunner, "_run", run)
+    result = rule.generate("t3 t5 t9 t1 t2 t8", params=GenerationParams(max_new_tokens=5),
+                           cancel=cancel)
+    assert result.finish_reason == "cancelled" and result.token_ids == [] and runs == [2]

@@ -3,9 +3,17 @@
 Per token the loop does one `session.run`, one sampler call and one small detokeniser decode;
 everything else (attention mask, position ids, the feeds dict, output names) is built once per
 request and only sliced or updated in place. Long prompts are prefilled in chunks through the
-cache, so the logits buffer stays (chunk x vocab) however long the prompt is. On CUDA/TensorRT
-the cache stays on the device: IOBinding binds each `present` output to device memory and feeds
-it back as the next `past`.
+cache, so the logits buffer stays (chunk x vocab) however long the prompt is. Three runners:
+
+* `NumpyRunner` (CPU, optimum graphs): `session.run` with numpy arrays, presents fed back.
+* `BoundRunner` (CUDA/TensorRT, optimum graphs): IOBinding binds each `present` output to device
+  memory and feeds it back as the next `past`, so the cache never goes through the host.
+* `SharedRunner` (any provider, GroupQueryAttention graphs whose past and present may share one
+  buffer, as onnxruntime-genai's model builder writes them): one (1, kv_heads, prompt + new
+  tokens, head_dim) buffer per cache tensor, allocated once per request on the model's device
+  and bound as both past and present; the graph writes each new key/value in place and reads the
+  lengths from attention_mask. Per token only input_ids and the mask are bound and one logits
+  row comes back, into a buffer preallocated on the host.
 """
 
 from __future__ import annotations
@@ -13,19 +21,30 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from edged.zoo.detok import Detokenizer, StopFilter
 from edged.zoo.errors import ContextOverflowError, ZooError
-from edged.zoo.model import GPU_PROVIDERS, GraphSpec
+from edged.zoo.graph import GPU_PROVIDERS, GraphSpec
 from edged.zoo.params import FinishReason, GenerationParams, GenerationResult
 from edged.zoo.sampling import Sampler
 
-if TYPE_CHECKING:
-    from edged.zoo.model import LoadedModel
+
+class Runnable(Protocol):
+    """What the loop needs of a loaded model (`edged.zoo.model.LoadedModel` is one)."""
+
+    name: str
+    session: ort.InferenceSession | None
+    spec: GraphSpec
+    provider: str
+    context: int
+    tokenizer: Tokenizer
+    tokenizer_vocab: int
+    eos_token_ids: frozenset[int]
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill run: bounds the (chunk, vocab) logits buffer
@@ -36,6 +55,12 @@ def _chunks(prompt: list[int], dtype: type) -> list[np.ndarray]:
     otherwise return logits for every position at once (2k tokens x 152k vocab = 1.2 GB)."""
     return [np.asarray([prompt[i : i + PREFILL_CHUNK]], dtype=dtype)
             for i in range(0, len(prompt), PREFILL_CHUNK)]
+
+
+def _cancelled(cancel: threading.Event | None, done: int) -> bool:
+    """Checked between prefill chunks (never before the first: a request cancelled before it
+    started does not reach the runner)."""
+    return done > 0 and cancel is not None and cancel.is_set()
 
 
 class _Feeds:
@@ -76,9 +101,12 @@ class NumpyRunner:
         self.pasts = [s.past for s in spec.kv]
         self.length = 0
 
-    def prefill(self, prompt: list[int]) -> np.ndarray:
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
         self.current = {s.past: np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv}
         for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
             self.current.update(self.feeds.inputs(chunk, self.length))
             logits = self._run(chunk.shape[1])
         return logits
@@ -100,17 +128,20 @@ class BoundRunner:
     """CUDA/TensorRT: IOBinding keeps every `present` on the device and rebinds it as `past`."""
 
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec, total: int,
-                 device: str) -> None:
-        self.session, self.spec, self.device = session, spec, device
+                 device: str, device_id: int = 0) -> None:
+        self.session, self.spec, self.device, self.device_id = session, spec, device, device_id
         self.feeds = _Feeds(spec, total)
         self.binding = session.io_binding()
         self.length = 0
 
-    def prefill(self, prompt: list[int]) -> np.ndarray:
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
         self._empty = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
         for slot, empty in zip(self.spec.kv, self._empty, strict=True):
             self.binding.bind_cpu_input(slot.past, empty)
         for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
             logits = self._run(chunk)
         return logits
 
@@ -126,7 +157,7 @@ class BoundRunner:
         b.clear_binding_outputs()
         b.bind_output(self.spec.logits, "cpu")
         for slot in self.spec.kv:
-            b.bind_output(slot.present, self.device, 0)
+            b.bind_output(slot.present, self.device, self.device_id)
         self.session.run_with_iobinding(b)
         out = b.get_outputs()
         for slot, value in zip(self.spec.kv, out[1:], strict=True):
@@ -135,7 +166,70 @@ class BoundRunner:
         return out[0].numpy()[0, -1]
 
 
-def generate(model: LoadedModel, prompt_ids: list[int], params: GenerationParams, *,
+class SharedRunner:
+    """GroupQueryAttention graphs: one buffer per cache tensor is both past and present."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, total: int,
+                 device: str = "cpu", device_id: int = 0) -> None:
+        self.session, self.spec = session, spec
+        self.binding = b = session.io_binding()
+        self.mask = np.ones(total, dtype=spec.mask_dtype)  # 1-D: every [:n] slice is contiguous
+        self.ids1 = np.zeros((1, 1), dtype=spec.input_ids_dtype)
+        self.logits1 = np.empty((1, 1, spec.vocab_size), dtype=spec.logits_dtype)
+        self.cache = []  # the OrtValues, kept alive for the request
+        for slot in spec.kv:
+            heads, _, dim = slot.shape[1:]
+            zeros = np.zeros((1, heads, total, dim), dtype=slot.dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(zeros, device, device_id)
+            self.cache.append(value)
+            b.bind_ortvalue_input(slot.past, value)
+            b.bind_ortvalue_output(slot.present, value)
+        self.length = 0
+        self.total = total
+
+    def prefill(self, prompt: list[int],
+                cancel: threading.Event | None = None) -> np.ndarray | None:
+        for chunk in _chunks(prompt, self.spec.input_ids_dtype):
+            if _cancelled(cancel, self.length):
+                return None
+            logits = self._run(chunk)
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        self.ids1[0, 0] = token
+        return self._run(self.ids1)
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        b, n = self.binding, ids.shape[1]
+        end = self.length + n
+        if end > self.total:
+            raise ZooError(f"KV buffer holds {self.total} tokens, asked for {end}")
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", self.mask[:end].reshape(1, end))
+        # logits land in a host buffer of ours (one preallocated row when decoding), so the
+        # result is read without asking the binding for its outputs
+        rows = 1 if self.spec.logits_last_only else n
+        out = self.logits1 if rows == 1 else np.empty((1, rows, self.spec.vocab_size),
+                                                      dtype=self.spec.logits_dtype)
+        b.bind_output(self.spec.logits, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        self.session.run_with_iobinding(b)
+        self.length = end
+        return out[0, -1]
+
+
+def make_runner(model: Runnable, session: ort.InferenceSession,
+                total: int) -> NumpyRunner | BoundRunner | SharedRunner:
+    """The runner for this model's graph and provider."""
+    device = GPU_PROVIDERS.get(model.provider)
+    device_id = getattr(model, "device_id", 0)
+    if model.spec.shared_kv:
+        return SharedRunner(session, model.spec, total, device or "cpu", device_id=device_id)
+    if device:
+        return BoundRunner(session, model.spec, total, device, device_id=device_id)
+    return NumpyRunner(session, model.spec, total)
+
+
+def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *,
              on_delta: Callable[[str], None] | None = None,
              cancel: threading.Event | None = None) -> GenerationResult:
     """Prefill the prompt, then decode token by token until EOS, a stop string, the length
@@ -148,9 +242,7 @@ def generate(model: LoadedModel, prompt_ids: list[int], params: GenerationParams
     if session is None:
         raise ZooError(f"model {model.name} was unloaded")
     total = n_prompt + params.max_new_tokens
-    device = GPU_PROVIDERS.get(model.provider)
-    runner = (BoundRunner(session, model.spec, total, device) if device
-              else NumpyRunner(session, model.spec, total))
+    runner = make_runner(model, session, total)
     sampler = Sampler(params, model.spec.vocab_size, model.tokenizer_vocab)
     sampler.observe(prompt_ids)
     detok, stops = Detokenizer(model.tokenizer, prompt_ids), StopFilter(params.stop)
@@ -169,8 +261,10 @@ def generate(model: LoadedModel, prompt_ids: list[int], params: GenerationParams
     if cancel is not None and cancel.is_set():
         finish = "cancelled"
     else:
-        logits = runner.prefill(prompt_ids)
-        while True:
+        logits = runner.prefill(prompt_ids, cancel)
+        if logits is None:  # cancelled between prefill chunks
+            finish = "cancelled"
+        while logits is not None:
             token = sampler(logits)
             if t_first is None:
                 t_first = time.perf_counter()
@@ -210,3 +304,25 @@ def generate(model: LoadedModel, prompt_ids: list[int], params: GenerationParams
         model=model.name,
         prompt_ids=list(prompt_ids),
     )
+
+
+def teacher_forced_agreement(model: Runnable, prompt_ids: list[int],
+                             reference: list[int]) -> tuple[float, int]:
+    """How often this model's greedy choice equals `reference` (another model's greedy ids)
+    when both see the same prefix: (share of positions that agree, length of the identical
+    prefix a free-running greedy decode would produce). Fair to compare a quantised model with
+    fp32: one early different token does not count every later position as wrong."""
+    session = model.session
+    if session is None:
+        raise ZooError(f"model {model.name} was unloaded")
+    runner = make_runner(model, session, len(prompt_ids) + len(reference))
+    logits = runner.prefill(prompt_ids)
+    same, prefix = 0, None
+    for i, token in enumerate(reference):
+        hit = int(np.argmax(logits[: model.tokenizer_vocab])) == token
+        same += hit
+        if not hit and prefix is None:
+            prefix = i
+        if i + 1 < len(reference):
+            logits = runner.step(token)
+    return same / max(1, len(reference)), len(reference) if prefix is None else prefix

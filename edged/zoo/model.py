@@ -1,15 +1,14 @@
-"""A model directory: files, config, tokenizer, onnxruntime session and the graph's KV layout.
+"""A model directory: files, config, tokenizer and the onnxruntime session.
 
-The layout of the KV cache (names, dtypes, head counts) is read from the session's inputs and
-outputs, never guessed from the architecture name, so any optimum `text-generation-with-past`
-export with `past_key_values.N.key/value` -> `present.N.key/value` works, whichever of
-attention_mask / position_ids / token_type_ids / use_cache_branch it has.
+The graph's layout (inputs, KV cache) comes from `edged.zoo.graph`; the loop that runs it from
+`edged.zoo.generate`. Both import nothing of this module, so the imports go one way only:
+model -> generate -> graph.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,57 +16,31 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edged.zoo.chat import ChatTemplate, Message, plain_prompt, validate_messages
 from edged.zoo.errors import InvalidRequestError, ModelLoadError, ProviderError
+from edged.zoo.generate import generate as _generate
+from edged.zoo.graph import (  # noqa: F401  (re-exported: edged.zoo.model's old names)
+    GPU_PROVIDERS,
+    GraphSpec,
+    KVSlot,
+    inspect_graph,
+)
 from edged.zoo.params import GenerationParams, GenerationResult
 
 MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
                 "seq_length")
-_KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "token_type_ids",
-                 "use_cache_branch"}
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(double)": np.float64, "tensor(bfloat16)": None,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-GPU_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 _VOCAB_PAD_LIMIT = 1024  # model vocab may exceed the tokenizer's by padding rows, not more
+
+
+log = logging.getLogger("edged.zoo")
 
 
 class ProviderFallbackWarning(RuntimeWarning):
     """onnxruntime runs the model on another execution provider than the one asked for."""
-
-
-@dataclass(frozen=True)
-class KVSlot:
-    """One cache tensor: fed as `past`, returned as `present`."""
-
-    past: str
-    present: str
-    dtype: type
-    shape: tuple[int, ...]  # with 0 on the sequence axis: the empty cache of the first step
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """What the decoder graph takes and returns."""
-
-    input_ids_dtype: type
-    mask_dtype: type | None
-    position_dtype: type | None
-    token_type_dtype: type | None
-    use_cache_branch: bool
-    logits: str
-    vocab_size: int
-    kv: tuple[KVSlot, ...]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.logits] + [s.present for s in self.kv]
 
 
 @dataclass(frozen=True)
@@ -102,85 +75,6 @@ def _ids(value: object) -> list[int]:
     return []
 
 
-def _dtype(type_str: str, what: str, model: str) -> type:
-    dtype = _ORT_DTYPES.get(type_str)
-    if dtype is None:
-        raise ModelLoadError(model, f"{what} has unsupported type {type_str}")
-    return dtype
-
-
-def inspect_graph(session: ort.InferenceSession, config: dict[str, Any], model: str) -> GraphSpec:
-    """Read names, dtypes and KV shapes from the session; reject graphs we cannot drive."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-    if "input_ids" not in inputs:
-        raise ModelLoadError(model, f"graph has no input_ids input (inputs: {sorted(inputs)})")
-    logits = "logits" if "logits" in outputs else None
-    if logits is None:
-        raise ModelLoadError(model, f"graph has no logits output (outputs: {sorted(outputs)})")
-    pasts = {n: _PAST.match(n) for n in inputs}
-    unknown = sorted(n for n, m in pasts.items() if m is None and n not in _KNOWN_INPUTS)
-    if unknown:
-        raise ModelLoadError(model, f"graph has inputs edged cannot feed: {unknown}")
-    layers = sorted({int(m.group(1)) for m in pasts.values() if m})
-    if not layers:
-        raise ModelLoadError(model, "graph has no past_key_values.N.key/value inputs "
-                                    "(export with --task text-generation-with-past)")
-    if layers != list(range(len(layers))):
-        raise ModelLoadError(model, f"KV-cache layers are not 0..N-1: {layers}")
-    slots = []
-    for layer in layers:
-        for kind in ("key", "value"):
-            past, present = f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"
-            if past not in inputs:
-                raise ModelLoadError(model, f"graph lacks input {past}")
-            if present not in outputs:
-                raise ModelLoadError(model, f"graph has {past} but no output {present}")
-            slots.append(_kv_slot(inputs[past], present, config, model))
-    vocab = outputs[logits].shape[-1] if outputs[logits].shape else None
-    if not isinstance(vocab, int):
-        vocab = config.get("vocab_size")
-    if not isinstance(vocab, int) or vocab < 1:
-        raise ModelLoadError(model, "cannot tell the vocabulary size (logits dim or vocab_size)")
-    cfg_vocab = config.get("vocab_size")
-    if isinstance(cfg_vocab, int) and cfg_vocab != vocab:
-        raise ModelLoadError(model, f"config.json vocab_size {cfg_vocab} != graph logits {vocab}")
-
-    def opt(name: str) -> type | None:
-        return _dtype(inputs[name].type, name, model) if name in inputs else None
-
-    return GraphSpec(
-        input_ids_dtype=_dtype(inputs["input_ids"].type, "input_ids", model),
-        mask_dtype=opt("attention_mask"),
-        position_dtype=opt("position_ids"),
-        token_type_dtype=opt("token_type_ids"),
-        use_cache_branch="use_cache_branch" in inputs,
-        logits=logits,
-        vocab_size=vocab,
-        kv=tuple(slots),
-    )
-
-
-def _kv_slot(node: Any, present: str, config: dict[str, Any], model: str) -> KVSlot:
-    shape = list(node.shape)
-    if len(shape) != 4:
-        raise ModelLoadError(model, f"{node.name} has rank {len(shape)}; edged drives "
-                                    "(batch, heads, seq, head_dim) caches only")
-    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") \
-        or config.get("n_head")
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    head_dim = config.get("head_dim") or (hidden // config.get("num_attention_heads")
-                                          if hidden and config.get("num_attention_heads")
-                                          else None)
-    if not isinstance(shape[1], int):
-        shape[1] = heads
-    if not isinstance(shape[3], int):
-        shape[3] = head_dim
-    if not all(isinstance(d, int) and d > 0 for d in (shape[1], shape[3])):
-        raise ModelLoadError(model, f"cannot tell heads/head_dim of {node.name} ({node.shape})")
-    return KVSlot(past=node.name, present=present, dtype=_dtype(node.type, node.name, model),
-                  shape=(1, shape[1], 0, shape[3]))
-
 
 def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
     so = ort.SessionOptions()
@@ -189,6 +83,13 @@ def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
         so.intra_op_num_threads = cfg.intra_op_threads
     if cfg.inter_op_threads:
         so.inter_op_num_threads = cfg.inter_op_threads
+    # onnxruntime's pool threads spin-wait between kernels by default: with one thread per pool
+    # there is no one to wait for, and the spinning burns the other cores (on a 2-core board
+    # SmolLM2 int4 decoded 10% slower per CPU-second). onnxruntime-genai turns it off too.
+    if cfg.intra_op_threads == 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if cfg.inter_op_threads == 1:
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
@@ -198,8 +99,12 @@ def _resolve_providers(cfg: SessionConfig, model: str) -> list[str]:
     wanted = list(cfg.providers) or ["CPUExecutionProvider"]
     missing = [p for p in wanted if p not in available]
     if missing:
+        hint = ""
+        if any(p in GPU_PROVIDERS for p in missing) and "onnxruntime-gpu" not in \
+                runtime_packages():
+            hint = "; onnxruntime-gpu is not installed (pip install -e '.[gpu]')"
         _fallback(cfg, model, f"execution provider(s) {missing} not in this onnxruntime build "
-                              f"(available: {available})")
+                              f"(available: {available}; packages: {runtime_packages()}){hint}")
     kept = [p for p in wanted if p in available]
     return kept or ["CPUExecutionProvider"]
 
@@ -211,9 +116,76 @@ def _fallback(cfg: SessionConfig, model: str, message: str) -> None:
                   stacklevel=3)
 
 
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml",
+                     "onnxruntime-openvino", "onnxruntime-qnn", "onnxruntime-training")
+
+
+def runtime_packages() -> dict[str, str]:
+    """Installed distributions that provide the `onnxruntime` module, with their versions.
+    More than one means the files of the last one installed shadow the others' (a CUDA build
+    overwritten by the CPU one reports only CPUExecutionProvider)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def runtime_conflict() -> str | None:
+    """A message when several onnxruntime packages share the module, else None."""
+    found = runtime_packages()
+    if len(found) < 2:
+        return None
+    names = " ".join(found)
+    return (f"several onnxruntime packages are installed ({found}); they share one "
+            f"`onnxruntime` module and the last installed wins (now: "
+            f"{ort.get_available_providers()}). Keep one: pip uninstall -y {names} && "
+            "pip install onnxruntime-gpu  (or onnxruntime for CPU only)")
+
+
+_warned_conflict = False
+THP_TUNABLE = "glibc.malloc.hugetlb=1"
+_told_thp = False
+
+
+def huge_pages_hint() -> str | None:
+    """How to put the weights in transparent huge pages, when this process does not and could:
+    glibc's malloc does it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (read at process start,
+    so the daemon's environment must set it). CPU decode streams every weight once per token;
+    with 4 KiB pages the TLB misses cost SmolLM2 int4 ~20 % (7.2 vs 8.8 ms a step here)."""
+    import os
+
+    if "hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    if "[madvise]" not in mode and "[always]" not in mode:
+        return None
+    return (f"set GLIBC_TUNABLES={THP_TUNABLE} in edged's environment to back the weights "
+            "with transparent huge pages (faster CPU decode)")
+
+
 def create_session(path: Path, cfg: SessionConfig, model: str) -> ort.InferenceSession:
     """Build the session and check that the first provider asked for is the one running."""
+    global _warned_conflict
+    conflict = runtime_conflict()
+    if conflict and not _warned_conflict:
+        _warned_conflict = True
+        warnings.warn(conflict, RuntimeWarning, stacklevel=2)
+        log.warning("%s", conflict)
     providers = _resolve_providers(cfg, model)
+    global _told_thp
+    if not _told_thp and providers[0] == "CPUExecutionProvider":
+        _told_thp = True
+        hint = huge_pages_hint()
+        if hint:
+            log.info("%s", hint)
     if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
         try:  # finds CUDA/cuDNN from pip-installed nvidia packages (onnxruntime-gpu >= 1.21)
             ort.preload_dlls()
@@ -229,6 +201,34 @@ def create_session(path: Path, cfg: SessionConfig, model: str) -> ort.InferenceS
     if providers[0] not in actual:
         _fallback(cfg, model, f"asked for {providers[0]} but onnxruntime runs {actual}")
     return session
+
+
+def _device_id(session: ort.InferenceSession, provider: str) -> int:
+    """The GPU the session really runs on (provider option device_id; 0 when not set)."""
+    try:
+        return int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
+def _share_buffer(genai: dict[str, Any]) -> bool:
+    """onnxruntime-genai's `search.past_present_share_buffer` (its GroupQueryAttention graphs)."""
+    search = genai.get("search")
+    return isinstance(search, dict) and search.get("past_present_share_buffer") is True
+
+
+def _config_from_genai(genai: dict[str, Any]) -> dict[str, Any]:
+    """config.json's keys that edged reads, from an onnxruntime-genai `genai_config.json` (a
+    model builder output dir loads as it is)."""
+    model = genai.get("model") if isinstance(genai.get("model"), dict) else {}
+    decoder = model.get("decoder") if isinstance(model.get("decoder"), dict) else {}
+    out = {"max_position_embeddings": model.get("context_length"),
+           "vocab_size": model.get("vocab_size"), "bos_token_id": model.get("bos_token_id"),
+           "eos_token_id": model.get("eos_token_id"), "pad_token_id": model.get("pad_token_id"),
+           "num_attention_heads": decoder.get("num_attention_heads"),
+           "num_key_value_heads": decoder.get("num_key_value_heads"),
+           "hidden_size": decoder.get("hidden_size"), "head_dim": decoder.get("head_size")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def find_model_file(directory: Path, model: str) -> Path:
@@ -258,7 +258,10 @@ class LoadedModel:
         if not directory.is_dir():
             raise ModelLoadError(self.name, f"model directory {directory} does not exist")
         self.session_config = session_config or SessionConfig()
-        self.config = read_json(directory / "config.json", self.name)
+        genai = read_json(directory / "genai_config.json", self.name, required=False)
+        self.config = (read_json(directory / "config.json", self.name)
+                       if (directory / "config.json").is_file() or not genai
+                       else _config_from_genai(genai))
         gen_config = read_json(directory / "generation_config.json", self.name, required=False)
         tok_config = read_json(directory / "tokenizer_config.json", self.name, required=False)
         self.tokenizer = self._load_tokenizer(directory / "tokenizer.json")
@@ -266,7 +269,12 @@ class LoadedModel:
         self.size_bytes = model_size_bytes(self.onnx_path)
         self.session = create_session(self.onnx_path, self.session_config, self.name)
         self.provider: str = self.session.get_providers()[0]
-        self.spec = inspect_graph(self.session, self.config, self.name)
+        self.device_id = _device_id(self.session, self.provider)
+        self.spec = inspect_graph(self.session, self.config, self.name,
+                                  shared_kv=_share_buffer(genai))
+        log.info("model %s: %s runs on %s (asked %s)%s", self.name, self.onnx_path.name,
+                 self.provider, list(self.session_config.providers),
+                 "; KV cache shared past/present" if self.spec.shared_kv else "")
         self.context = context or self._context()
         self.defaults = _generation_defaults(defaults, gen_config, self.context, self.name)
         self.tokenizer_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -354,13 +362,11 @@ class LoadedModel:
                  on_delta: Callable[[str], None] | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Generate a completion; see `edged.zoo.generate.generate` for the loop."""
-        from edged.zoo.generate import generate
-
         params = params or self.defaults
         if not isinstance(params, GenerationParams):
             raise InvalidRequestError(f"params must be GenerationParams, not {type(params)}")
         ids = self.encode_prompt(prompt, messages)
-        return generate(self, ids, params, on_delta=on_delta, cancel=cancel)
+        return _generate(self, ids, params, on_delta=on_delta, cancel=cancel)
 
     def close(self) -> None:
         """Drop the session (its memory goes when the last running generation ends)."""
