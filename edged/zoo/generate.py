@@ -256,6 +256,7 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
                 on_delta(text)
 
     out: list[int] = []
+    logprobs: list[float] = []
     finish: FinishReason = "length"
     t_first = None
     if cancel is not None and cancel.is_set():
@@ -266,6 +267,7 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
             finish = "cancelled"
         while logits is not None:
             token = sampler(logits)
+            logprobs.append(token_logprob(logits, token))
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(token)
@@ -303,7 +305,15 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
         provider=model.provider,
         model=model.name,
         prompt_ids=list(prompt_ids),
+        token_logprobs=logprobs,
     )
+
+
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token] of one row, in float64."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    top = row.max()
+    return float(row[token] - top - np.log(np.exp(row - top).sum()))
 
 
 def teacher_forced_agreement(model: Runnable, prompt_ids: list[int],

@@ -72,6 +72,14 @@ class GenerationResult:
     provider: str
     model: str = ""
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    #: log-probability the model gave each generated token (its own confidence, before
+    #: sampling settings): a cascade can serve a cheap model's answer when it is sure of it
+    token_logprobs: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def min_token_prob(self) -> float:
+        """The probability of the least certain generated token (1.0 when none)."""
+        return math.exp(min(self.token_logprobs)) if self.token_logprobs else 1.0
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-able dict (what `edged generate --json` prints)."""
