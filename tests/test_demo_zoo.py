@@ -118,3 +118,15 @@ def test_chat_messages_reach_the_same_answer(zoo: Zoo) -> None:
     chat = model.generate(messages=[{"role": "user", "content": "23+45="}])
     assert plain.text == chat.text
     assert number(plain.text, "68")
+
+
+def test_token_logprobs_say_how_sure_the_model_was(zoo: Zoo) -> None:
+    """The large model is sure of a sum it gets right; the small one is not sure of a 3-digit
+    sum it gets wrong (what a confidence cascade reads)."""
+    right = zoo.get("large").generate("123+456=")
+    wrong = zoo.get("small").generate("123+456=")
+    assert right.text.startswith("579") and not wrong.text.startswith("579")
+    for result in (right, wrong):
+        assert len(result.token_logprobs) == result.completion_tokens
+        assert all(lp <= 0.0 for lp in result.token_logprobs)
+    assert right.min_token_prob > 0.9 > 0.5 > wrong.min_token_prob
