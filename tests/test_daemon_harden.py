@@ -29,6 +29,7 @@ from test_daemon import (  # noqa: F401 (fixtures)
     daemon,
     rule_zoo,
     send,
+    wait_health,
     wait_idle,
 )
 
@@ -117,6 +118,7 @@ def test_burst_gets_busy_at_once_while_a_worker_generates(daemon):
     long = daemon.socket()
     send(long, {"id": "long", "op": "generate", "prompt": "t1", "max_new_tokens": 65_536,
                 "model": "small"})
+    wait_health(daemon, 1, 0)  # running, not queued: the queue's 2 places are the burst's
     socks = [daemon.socket() for _ in range(8)]
     try:
         for k, s in enumerate(socks):
