@@ -181,3 +181,25 @@ def test_label_settings_and_scorers():
     assert similarity("Paris.", "paris") == 1.0 and not similarity_checker(0.9)("Lyon", "Paris")
     assert parse_judge(" Yes, it is") is True and parse_judge("no.") is False
     assert parse_judge("maybe") is None and parse_judge("") is None
+
+
+def test_judge_runs_after_the_reply_and_counts_its_joules(tmp_path):
+    """The judge source: a judge run follows each routed reply (listed as queued), its joules
+    are counted in stats; a verdict that is neither yes nor no (the demo models only add) gives
+    no label."""
+    text = demo_config(tmp_path / "state", sources=["judge"]).replace(
+        'sources = ["judge"]',
+        'sources = ["judge"]\njudge_model = "large"\njudge_template = "{prompt}"')
+    d = Daemon(tmp_path, text)
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "j1", "op": "generate", "prompt": "12+34="})
+        assert reply["ok"] and reply["judge"] == {"model": "large", "status": "queued"}
+        stats = wait_explored(d)
+        assert stats["models"]["large"]["judge_calls"] == 1
+        assert stats["models"]["large"]["judge_joules"] >= 0
+        assert stats["labels_by_source"]["judge"] == 0  # "46" is no verdict
+        named = d.call({"id": "j2", "op": "generate", "prompt": "1+2=", "model": "small"})
+        assert named["ok"] and "judge" not in named  # bypassed routing: nothing to label
+    finally:
+        assert d.stop() == 0
