@@ -55,7 +55,8 @@ class RouterConfig:
     lp_prior: add the multiplier that meets the target on the predictions of the last
         `lp_window` requests (an LP on predicted satisfaction), so the queue only corrects the
         predictor's error instead of building up the whole multiplier (the deficit Q_T / T).
-    calibration: online Platt scaling of the predictor's logits.
+    calibration: mix the predictor's experts by their prequential log-loss (off: the text
+        head alone, as the paper's classifier).
     prior_strength, prior_step: model m's success rate starts at model m-1's plus
         `prior_step`, worth `prior_strength` labels; prior_step 0 gives every model an
         uninformed Beta(1, 1) (the paper's setting).

@@ -1,9 +1,10 @@
-"""Satisfaction predictor: hashed word/char n-grams into an online logistic head per model.
+"""Satisfaction predictor: per model, a Bayesian mixture of four experts (running rate, a hashed
+n-gram + shape-token logistic head, the next cheaper model's prediction plus a paired gain, and
+the labels of the most shape-alike remembered requests).
 
-FastText-like features cost microseconds and need no model files; the head learns from the few
-labels MESS+ sees. Probabilities are Platt-calibrated online on prequential predictions
-(predicted before the label trains the head), because the router compares probabilities with
-energies, so calibration matters more than accuracy.
+The features cost microseconds and need no model files; each expert is weighted by how well it
+predicted the model's past labels before seeing them (prequential log-loss), because the router
+compares probabilities with energies, so calibration matters more than accuracy.
 """
 
 from __future__ import annotations
