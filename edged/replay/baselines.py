@@ -97,8 +97,20 @@ def task_mix_plan(trace: Trace, alpha: float) -> TaskPlan:
     acc = np.array([trace.labels[kinds == k].mean(axis=0) for k in names])
     energy = np.array([trace.energy_j[kinds == k].mean(axis=0) for k in names])
     weight = np.array([(kinds == k).mean() for k in names])
-    rows = np.arange(len(names))
-    scale = float(energy.max())
+    a, b, theta = _lagrangian_split(energy, acc, weight, alpha)
+    return {k: (int(a[n]), int(b[n]), theta if a[n] != b[n] else 0.0)
+            for n, k in enumerate(names)}
+
+
+def _lagrangian_split(
+    energy: np.ndarray, acc: np.ndarray, weight: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact solution of `min sum_i w_i x_i . E_i  s.t.  sum_i w_i x_i . acc_i >= alpha` (rows i,
+    x_i a distribution over the columns): one coupling constraint, so the optimum is the
+    per-row Lagrangian choice argmin_m E_im - lam acc_im at the optimal multiplier (bisection),
+    mixed between the choices either side of it. Returns (a, b, share of b); when alpha is met
+    at lam = 0 or out of reach, a single choice (share 0)."""
+    rows = np.arange(len(energy))
 
     def choose(lam: float) -> np.ndarray:
         return np.argmin(energy - lam * acc, axis=1)
@@ -106,18 +118,15 @@ def task_mix_plan(trace: Trace, alpha: float) -> TaskPlan:
     def sat(choice: np.ndarray) -> float:
         return float(weight @ acc[rows, choice])
 
-    def plan(a: np.ndarray, b: np.ndarray, theta: float) -> TaskPlan:
-        return {k: (int(a[n]), int(b[n]), theta if a[n] != b[n] else 0.0)
-                for n, k in enumerate(names)}
-
     low_choice = choose(0.0)
     if sat(low_choice) >= alpha:
-        return plan(low_choice, low_choice, 0.0)
-    # past this multiplier every benchmark takes its most accurate model (cheapest among ties)
-    low, high = 0.0, 2.0 * scale / max(float(np.diff(np.unique(acc)).min(initial=1.0)), 1e-12)
+        return low_choice, low_choice, 0.0
+    # past this multiplier every row takes its most accurate column (cheapest among ties)
+    gap = max(float(np.diff(np.unique(acc)).min(initial=1.0)), 1e-12)
+    low, high = 0.0, 2.0 * float(energy.max()) / gap
     top = choose(high)
     if sat(top) < alpha:
-        return plan(top, top, 0.0)
+        return top, top, 0.0
     for _ in range(200):
         mid = 0.5 * (low + high)
         if sat(choose(mid)) >= alpha:
@@ -128,8 +137,7 @@ def task_mix_plan(trace: Trace, alpha: float) -> TaskPlan:
             break
     a, b = choose(low), choose(high)
     sa, sb = sat(a), sat(b)
-    theta = 1.0 if sb == sa else (alpha - sa) / (sb - sa)
-    return plan(a, b, float(theta))
+    return a, b, float(1.0 if sb == sa else (alpha - sa) / (sb - sa))
 
 
 def task_mix_expected(trace: Trace, plan: TaskPlan) -> tuple[float, float]:
@@ -163,29 +171,7 @@ def oracle(trace: Trace, alpha: float) -> Outcome:
     the two integral choices either side of it."""
     energy, labels = trace.energy_j, trace.labels
     rows = np.arange(len(trace))
-    scale = float(energy.max())
-
-    def choose(lam: float) -> np.ndarray:
-        return np.argmin(energy - lam * labels, axis=1)
-
-    def sat(choice: np.ndarray) -> float:
-        return float(labels[rows, choice].mean())
-
-    low_choice = choose(0.0)
-    if sat(low_choice) >= alpha:
-        return _from_choice(trace, low_choice)
-    low, high = 0.0, 2.0 * scale + 1.0
-    if sat(choose(high)) < alpha:
-        return _from_choice(trace, choose(high))
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if sat(choose(mid)) >= alpha:
-            high = mid
-        else:
-            low = mid
-    a, b = choose(low), choose(high)
-    sa, sb = sat(a), sat(b)
-    theta = 1.0 if sb == sa else (alpha - sa) / (sb - sa)
+    a, b, theta = _lagrangian_split(energy, labels, np.full(len(trace), 1.0 / len(trace)), alpha)
     ran = np.zeros(labels.shape)
     ran[rows, a] += 1.0 - theta
     ran[rows, b] += theta
