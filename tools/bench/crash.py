@@ -18,8 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +27,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from serve_proc import start_serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -40,22 +39,7 @@ class Daemon:
         config = work / "edged.toml"
         config.write_text(f'[server]\nstate_dir = "{work / "state"}"\nsave_interval_s = 0.5\n'
                           '[energy]\nbackend = "estimate"\n')
-        notify_path = work / "notify"
-        notify_path.unlink(missing_ok=True)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        notify.settimeout(120)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "EDGED_ENDPOINT": self.endpoint,
-               "OMP_NUM_THREADS": "1"}
-        self.log = open(work / "daemon.log", "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edged", "serve", "--config", str(config)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            while not notify.recv(4096).startswith(b"READY=1"):
-                pass
-        finally:
-            notify.close()
+        self.proc, self.log = start_serve(config, work, self.endpoint, cwd=REPO)
 
     def call(self, ctx: zmq.Context, message: dict[str, Any], timeout_ms: int = 10_000
              ) -> dict[str, Any] | None:

@@ -33,8 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from serve_proc import start_serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,20 +76,8 @@ class Daemon:
             f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n'
             '[energy]\nbackend = "estimate"\n'
         )
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(work / "notify"))
-        notify.settimeout(120)
-        env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify"), "EDGED_ENDPOINT":
-               self.endpoint, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        self.log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edged", "serve", "--config", str(config)],
-            cwd=tree, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            while not notify.recv(4096).startswith(b"READY=1"):
-                pass
-        finally:
-            notify.close()
+        self.proc, self.log = start_serve(config, work, self.endpoint, cwd=tree, log_mode="wb",
+                                          env={"PYTHONPATH": str(tree)})
 
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
