@@ -7,7 +7,6 @@ tools/export_encoder.py and compare with sentence-transformers' computation done
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edged.replay.embeddings import cache_path, default_cache_dir, embed_texts, texts_digest
 from edged.router.encoder import EncoderError, SentenceEncoder
@@ -24,8 +24,6 @@ from edged.router.encoder import EncoderError, SentenceEncoder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-TOOL = TOOLS / "export_encoder.py"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
     "the", "a", "what", "is", "which", "how", "do", "i", "of", "to", "and", "in", "capital",
@@ -286,9 +284,7 @@ def test_corrupt_cache_is_recomputed(tmp_path: Path, content: bytes | None) -> N
 
 def test_embed_traces_tool(lookup_dir: Path, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("embed_traces", TOOLS / "embed_traces.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("embed_traces")
     trace = tmp_path / "t.csv"
     trace.write_text("input_text,label_s,energy_consumption_s,inference_time_s\n"
                      "what is the capital,1,2.0,0.1\nhow do i bake bread,0,3.0,0.2\n")
@@ -314,10 +310,7 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 # -- export: a tiny random BertModel, compared with torch ------------------------------------
 @pytest.fixture(scope="module")
 def export_encoder():
-    spec = importlib.util.spec_from_file_location("export_encoder", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_encoder")
 
 
 @pytest.fixture(scope="module")

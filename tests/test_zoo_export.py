@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 from test_zoo_tiny import build_hf
 
 from edged.zoo import GenerationParams, Zoo, ZooManifest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "export_zoo.py"
-
 
 @pytest.fixture(scope="module")
 def export_zoo():
-    spec = importlib.util.spec_from_file_location("export_zoo", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_zoo")
 
 
 @pytest.fixture(scope="module")

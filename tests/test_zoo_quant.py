@@ -15,16 +15,15 @@ both ways. Free-running (first divergence counts every later id wrong): 0.36 vs 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 from edged.zoo import GenerationParams, load_model
 from edged.zoo import quantize as q
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "export_zoo.py"
 PROMPTS = ["", "Once upon a time", "Lily and Tom", "The cat", "One day"]
 N = 64  # first N greedy ids compared
 INT8_MIN_AGREEMENT = 0.95  # stated rate (teacher-forced top-1 over the first N ids)
@@ -61,10 +60,7 @@ def as_avx2(src: Path, dst: Path) -> tuple[Path, int]:
 
 @pytest.fixture(scope="module")
 def export_zoo():
-    spec = importlib.util.spec_from_file_location("export_zoo", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_zoo")
 
 
 @pytest.fixture(scope="module")
