@@ -121,7 +121,7 @@ def test_reply_goes_out_before_exploration_which_still_teaches(engine):
     at_reply: dict[str, Any] = {}
 
     def snapshot() -> None:
-        at_reply.update(eng.stats())
+        at_reply.update(eng.stats(), idle=eng.idle())
         eng.sweep(time.monotonic() + 3600)  # the request's deadline passes after its reply
 
     sent = replies.__call__
@@ -137,6 +137,8 @@ def test_reply_goes_out_before_exploration_which_still_teaches(engine):
     assert reply["ok"] and reply["route"]["explored"], reply
     assert reply["labels"] == {"large": False}
     assert "small" not in at_reply["models"]  # not run yet when the reply left
+    # ... but already counted: a client reading `stats` right after its reply sees it coming
+    assert at_reply["exploration"]["queued"] == 1 and not at_reply["idle"], at_reply
     stats = explored(eng)
     small = stats["models"]["small"]
     assert small["calls"] == 1 and small["explorations"] == 1

@@ -281,6 +281,10 @@ class Engine:
         self._queue = Tasks(queue_size, sorted(self._device_locks))
         self._stats: dict[str, _ModelStats] = {}
         self._exploring: set[_Exploration] = set()  # running now
+        #: explorations of a reply already sent, not yet queued: counted as queued, so `stats`
+        #: and `idle` never miss them in between (a client reading `stats` right after its
+        #: reply, while the worker that sent it waits for a CPU, saw none)
+        self._announced = 0
         self.explorations_done = 0
         self.explorations_dropped = 0
         self.errors: Counter[str] = Counter()
@@ -338,7 +342,7 @@ class Engine:
     def idle(self) -> bool:
         """No request in flight and no exploration running or queued."""
         with self._lock:
-            busy = bool(self._active or self._exploring)
+            busy = bool(self._active or self._exploring or self._announced)
         return not busy and self._queue.explorations() == 0
 
     def depth(self) -> int:
@@ -544,6 +548,7 @@ class Engine:
             reply["done"] = True
             with self._lock:
                 self._active.pop(job.request.id, None)
+                self._announced += len(explore)
                 if reply["ok"] and job.reason is ErrorCode.CANCELLED:
                     # the cancel came after the last token but before this point: it was told
                     # `was: running`, so the reply is `cancelled` (with the whole text)
@@ -557,6 +562,9 @@ class Engine:
                 log.exception("reply to %s could not be sent", job.request.id)
             for task in explore:  # after the reply: the client does not wait for these
                 self._queue.put_exploration(self._worker_device(task.model), task)
+            if explore:
+                with self._lock:  # after queueing them: a reader counts them once or twice,
+                    self._announced -= len(explore)  # never not at all
 
     def _route(self, job: Job, excluded: frozenset[str] = frozenset()) -> _Routed:
         req = job.request
@@ -1011,10 +1019,11 @@ class Engine:
         }
 
     def _exploration_counts(self) -> dict[str, int]:
-        queued = self._queue.explorations()
-        with self._lock:
-            return {"queued": queued, "running": len(self._exploring),
-                    "done": self.explorations_done, "dropped": self.explorations_dropped}
+        with self._lock:  # the announced ones first: then the queue (see `_announced`)
+            counts = {"queued": self._announced, "running": len(self._exploring),
+                      "done": self.explorations_done, "dropped": self.explorations_dropped}
+        counts["queued"] += self._queue.explorations()
+        return counts
 
     def _error_counts(self) -> dict[str, int]:
         with self._lock:
