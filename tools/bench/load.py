@@ -69,12 +69,14 @@ def prompts() -> list[str]:
 class Daemon:
     """The daemon as a subprocess, ready when its notify socket says READY=1."""
 
-    def __init__(self, tree: Path, work: Path, queue_size: int = 16) -> None:
+    def __init__(self, tree: Path, work: Path, queue_size: int = 16,
+                 worker_nice: int | None = None) -> None:
         self.work = work
         self.endpoint = f"ipc://{work}/edged.sock"
         config = work / "edged.toml"
+        nice = "" if worker_nice is None else f"worker_nice = {worker_nice}\n"
         config.write_text(
-            f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n'
+            f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n{nice}'
             '[energy]\nbackend = "estimate"\n'
         )
         self.proc, self.log = start_serve(config, work, self.endpoint, cwd=tree, log_mode="wb",
@@ -300,13 +302,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "load.json")
     parser.add_argument("--per-process", type=int, default=PER_PROCESS,
                         help="closed-loop clients per generator process (default 32)")
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="[server] worker_nice for the daemon (default: the tree's default)")
     args = parser.parse_args()
     globals()["PER_PROCESS"] = max(1, args.per_process)  # read by run_phase
     seconds = min(30.0, max(1.0, args.seconds))
     texts = prompts()
     work = Path(tempfile.mkdtemp(prefix="edged-load-", dir="/tmp"))
     rows: list[dict[str, Any]] = []
-    daemon = Daemon(args.tree.resolve(), work)
+    daemon = Daemon(args.tree.resolve(), work, worker_nice=args.worker_nice)
     try:
         cpu0, t0 = daemon.cpu_s(), time.monotonic()
         time.sleep(2.0)
@@ -333,8 +337,9 @@ def main() -> int:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(10)
-    result = {"tree": str(args.tree), "seconds": seconds, "idle_cpu_pct_before": baseline_idle,
-              "exit": code, "rows": rows, "cpus": os.cpu_count()}
+    result = {"tree": str(args.tree), "worker_nice": args.worker_nice, "seconds": seconds,
+              "idle_cpu_pct_before": baseline_idle, "exit": code, "rows": rows,
+              "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     keys = ("phase", "ok_per_s", "ok_p50_ms", "ok_p99_ms", "busy", "busy_p50_ms", "busy_p99_ms",
