@@ -21,7 +21,7 @@ def test_defaults(monkeypatch):
     monkeypatch.delenv("EDGED_ENDPOINT", raising=False)
     config = load_config(None)
     assert config.server.endpoint is None and config.server.queue_size == 16
-    assert config.server.worker_nice == 10
+    assert config.server.worker_nice == 5
     assert config.models.manifest is None and config.models.dirs == ()
     assert config.energy.backend == "auto" and config.router == {} and config.checker is None
 
