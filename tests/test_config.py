@@ -21,6 +21,7 @@ def test_defaults(monkeypatch):
     monkeypatch.delenv("EDGED_ENDPOINT", raising=False)
     config = load_config(None)
     assert config.server.endpoint is None and config.server.queue_size == 16
+    assert config.server.worker_nice == 5
     assert config.models.manifest is None and config.models.dirs == ()
     assert config.energy.backend == "auto" and config.router == {} and config.checker is None
 
@@ -32,6 +33,7 @@ def test_full_file(tmp_path, monkeypatch):
 endpoint = "tcp://127.0.0.1:7000"
 state_dir = "state"
 queue_size = 4
+worker_nice = 0
 max_message_bytes = 65536
 deadline_max_ms = 1000
 save_interval_s = 5
@@ -56,6 +58,7 @@ checker = "number"
     assert c.server.endpoint == "tcp://127.0.0.1:7000"
     assert c.server.state_dir == tmp_path / "state"
     assert (c.server.queue_size, c.server.hwm, c.server.ipc_mode) == (4, 50, 0o640)
+    assert c.server.worker_nice == 0
     assert c.energy.backend == "estimate" and c.energy.options == {"watts": 7.5}
     assert c.router == {"alpha": 0.7, "V": "auto", "c": 0.2, "seed": 3, "explore_runs": "all"}
     assert c.models.dirs == (tmp_path / "a", Path("/abs/b"))
@@ -64,6 +67,8 @@ checker = "number"
 
 @pytest.mark.parametrize("text, key", [
     ("[server]\nqueue_size = 0", "[server] queue_size"),
+    ("[server]\nworker_nice = 20", "[server] worker_nice"),
+    ("[server]\nworker_nice = -1", "[server] worker_nice"),
     ("[server]\nqueue_size = true", "[server] queue_size"),
     ("[server]\nqueue_size = \"4\"", "[server] queue_size"),
     ("[server]\nendpoint = \"http://x\"", "[server] endpoint"),

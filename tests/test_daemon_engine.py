@@ -5,6 +5,8 @@ fails after the routed model answered."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from edged.checkers import get_checker
 from edged.energy import create_meter
 from edged.protocol import ErrorCode, FeedbackRequest, GenerateRequest, ProtocolError
 from edged.router import Router, RouterConfig
-from edged.server.engine import Engine, Job
+from edged.server.engine import Engine, Job, lower_priority
 from edged.zoo import Zoo
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,7 +123,7 @@ def test_reply_goes_out_before_exploration_which_still_teaches(engine):
     at_reply: dict[str, Any] = {}
 
     def snapshot() -> None:
-        at_reply.update(eng.stats())
+        at_reply.update(eng.stats(), idle=eng.idle())
         eng.sweep(time.monotonic() + 3600)  # the request's deadline passes after its reply
 
     sent = replies.__call__
@@ -137,6 +139,8 @@ def test_reply_goes_out_before_exploration_which_still_teaches(engine):
     assert reply["ok"] and reply["route"]["explored"], reply
     assert reply["labels"] == {"large": False}
     assert "small" not in at_reply["models"]  # not run yet when the reply left
+    # ... but already counted: a client reading `stats` right after its reply sees it coming
+    assert at_reply["exploration"]["queued"] == 1 and not at_reply["idle"], at_reply
     stats = explored(eng)
     small = stats["models"]["small"]
     assert small["calls"] == 1 and small["explorations"] == 1
@@ -255,3 +259,36 @@ def test_lp_window_change_on_reload_migrates_the_state(tmp_path):
         steps = range(max(1, 40 - window + 1), 41)  # the steps the new window holds
         assert {tuple(again.recent[s % window]) for s in steps} <= old_rows  # no made-up rows
     assert list(tmp_path.iterdir()) == [path]  # nothing set aside
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_workers_run_nicer_than_the_socket_loop(zoo_dirs):
+    """`worker_nice` lowers the workers' priority, not the caller's (the socket loop's)."""
+    zoo = Zoo.from_dirs(list(zoo_dirs))
+    meter = create_meter("estimate")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    engine = Engine(zoo, Router(list(zoo.names), RouterConfig(alpha=0.9, seed=1)), meter,
+                    get_checker("exact"), emit=Replies(), queue_size=4,
+                    devices=dict.fromkeys(zoo.names, "cpu"), worker_nice=3)
+    engine.start()
+    try:
+        workers = [t for t in threading.enumerate() if t.name.startswith("edged-worker-")]
+        assert workers
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                os.getpriority(os.PRIO_PROCESS, t.native_id) != min(19, base + 3)
+                for t in workers):
+            time.sleep(0.01)
+        assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in workers] == [
+            min(19, base + 3)] * len(workers)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        engine.stop()
+        meter.close()
+        zoo.close()
+
+
+def test_lower_priority_zero_changes_nothing():
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    assert lower_priority(0) is None
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before

@@ -410,7 +410,7 @@ class Server:
         self.engine = Engine(
             zoo, router, meter, checker, labels=labels,
             emit=self._emit, queue_size=server.queue_size, devices=devices,
-            fallback_meter=self._fallback,
+            fallback_meter=self._fallback, worker_nice=server.worker_nice,
         )
         self._attach_journal(journal)
         self.engine.start()
@@ -728,7 +728,7 @@ class Server:
             self.notifier.ready(f"serving on {self.endpoint} (reload failed: {exc})")
             return
         restart_only = [
-            key for key in ("endpoint", "hwm", "max_message_bytes", "ipc_mode",
+            key for key in ("endpoint", "hwm", "max_message_bytes", "ipc_mode", "worker_nice",
                             "allow_insecure_tcp", "curve_secret_key", "curve_client_keys")
             if getattr(new.server, key) != getattr(old.server, key)
         ]

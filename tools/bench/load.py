@@ -8,7 +8,9 @@ over at most 32 DEALER sockets each, so client threads do not fight over one GIL
     `busy` after 10-30 ms; ok req/s, ok p50/p99, `busy` p50/p99 as the load generator sees them;
     from 32 clients on, also `probe_busy_*`: a separate probe client (one socket, a generate
     every 2 ms, blocking poll) whose `busy` round trips measure the daemon rather than the load
-    generator's own loop (all of it runs on the same CPUs as the daemon);
+    generator's own loop (all of it runs on the same CPUs as the daemon); `daemon_cpu_pct` and
+    `clients_cpu_pct`: the CPU the daemon and the load generator used over the phase (100 =
+    one core), to tell a starved daemon from a slow one;
   - a normal sequential client alone, then beside a client that sends generates (or `health`)
     and never reads a reply, then beside one that floods `health` and reads: the normal client's
     share of its alone throughput;
@@ -17,7 +19,8 @@ over at most 32 DEALER sockets each, so client threads do not fight over one GIL
 
 Bounded: every phase has a time limit and the hostile clients a message cap; loopback/ipc only.
 
-    python tools/bench/load.py [--seconds 4] [--tree DIR] [--out out/bench/load.json]
+    python tools/bench/load.py [--seconds 4] [--tree DIR] [--worker-nice N]
+                               [--out out/bench/load.json]
 
 `--tree DIR` runs the daemon from another source tree (e.g. `git archive` of an older commit),
 to compare before and after on one machine in one run.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -68,12 +72,14 @@ def prompts() -> list[str]:
 class Daemon:
     """The daemon as a subprocess, ready when its notify socket says READY=1."""
 
-    def __init__(self, tree: Path, work: Path, queue_size: int = 16) -> None:
+    def __init__(self, tree: Path, work: Path, queue_size: int = 16,
+                 worker_nice: int | None = None) -> None:
         self.work = work
         self.endpoint = f"ipc://{work}/edged.sock"
         config = work / "edged.toml"
+        nice = "" if worker_nice is None else f"worker_nice = {worker_nice}\n"
         config.write_text(
-            f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n'
+            f'[server]\nstate_dir = "{work / "state"}"\nqueue_size = {queue_size}\n{nice}'
             '[energy]\nbackend = "estimate"\n'
         )
         self.proc, self.log = start_serve(config, work, self.endpoint, cwd=tree, log_mode="wb",
@@ -136,7 +142,11 @@ def closed_loop(endpoint: str, n_clients: int, seconds: float, texts: list[str],
                                                    texts[seq % len(texts)])])
             sent_at[i] = time.monotonic()
             waiting += 1
-        timeout = 2 if not due else max(0, min(2, int((due[0][0] - now) * 1000)))
+        # sleep until the next send is due (rounded up: a 0 ms poll while one is <1 ms away
+        # spun the loop, ~300 us of CPU per message, on the CPUs the daemon runs on); a
+        # reply wakes it earlier
+        wake = min(due[0][0] if due and now < end else end, end) if now < end else end + DRAIN_S
+        timeout = min(50, max(1, math.ceil((wake - time.monotonic()) * 1000)))
         ready = poller.poll(timeout)
         got = time.monotonic()  # when the replies were seen ready (not our own loop's work)
         for s, _ in ready:
@@ -232,6 +242,7 @@ def summarize(name: str, r: dict[str, Any]) -> dict[str, Any]:
         "busy_p50_ms": _r(percentile(r["busy_ms"], 50)),
         "busy_p99_ms": _r(percentile(r["busy_ms"], 99)),
         "errors": r["errors"],
+        **({k: r[k] for k in ("daemon_cpu_pct", "clients_cpu_pct") if k in r}),
         **({"probe_busy": len(r["probe"]["busy_ms"]),
             "probe_busy_p50_ms": _r(percentile(r["probe"]["busy_ms"], 50)),
             "probe_busy_p99_ms": _r(percentile(r["probe"]["busy_ms"], 99))}
@@ -243,6 +254,11 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+def _children_cpu_s() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
               hostile_args: tuple[str, bool] | None = None, daemon: Daemon | None = None,
               idle_s: float = 3.0, probed: bool = False) -> dict[str, Any]:
@@ -250,6 +266,9 @@ def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
     results = ctx.Queue()
     extra: dict[str, Any] = {}
     bad = None
+    # CPU of the daemon and of the load generator over the phase: all run on the same CPUs,
+    # so a generator that burns them shows up in the daemon's latencies
+    cpu0, kids0, t0 = daemon.cpu_s() if daemon else 0.0, _children_cpu_s(), time.monotonic()
     if hostile_args is not None:
         hq = ctx.Queue()
         bad = ctx.Process(target=hostile, args=(endpoint, hostile_args[0], seconds,
@@ -268,6 +287,10 @@ def run_phase(endpoint: str, n_clients: int, seconds: float, texts: list[str],
     parts = [results.get(timeout=seconds + DRAIN_S + 60) for _ in procs]
     for p in procs:
         p.join(30)
+    if daemon is not None and hostile_args is None:
+        wall = time.monotonic() - t0
+        extra["daemon_cpu_pct"] = round(100.0 * (daemon.cpu_s() - cpu0) / wall)
+        extra["clients_cpu_pct"] = round(100.0 * (_children_cpu_s() - kids0) / wall)
     out = {"ok_ms": [x for r in parts for x in r["ok_ms"]],
            "busy_ms": [x for r in parts for x in r["busy_ms"]],
            "errors": {c: sum(r["errors"].get(c, 0) for r in parts)
@@ -295,20 +318,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "load.json")
     parser.add_argument("--per-process", type=int, default=PER_PROCESS,
                         help="closed-loop clients per generator process (default 32)")
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="[server] worker_nice for the daemon (default: the tree's default)")
     args = parser.parse_args()
     globals()["PER_PROCESS"] = max(1, args.per_process)  # read by run_phase
     seconds = min(30.0, max(1.0, args.seconds))
     texts = prompts()
     work = Path(tempfile.mkdtemp(prefix="edged-load-", dir="/tmp"))
     rows: list[dict[str, Any]] = []
-    daemon = Daemon(args.tree.resolve(), work)
+    daemon = Daemon(args.tree.resolve(), work, worker_nice=args.worker_nice)
     try:
         cpu0, t0 = daemon.cpu_s(), time.monotonic()
         time.sleep(2.0)
         baseline_idle = round(100.0 * (daemon.cpu_s() - cpu0) / (time.monotonic() - t0), 2)
         for n in CLIENTS:
             rows.append(summarize(f"{n} clients", run_phase(daemon.endpoint, n, seconds, texts,
-                                                            probed=n >= 32)))
+                                                            probed=n >= 32, daemon=daemon)))
             print(rows[-1], file=sys.stderr)
         alone = summarize("normal alone", run_phase(daemon.endpoint, 1, seconds, texts))
         rows.append(alone)
@@ -328,13 +353,14 @@ def main() -> int:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(10)
-    result = {"tree": str(args.tree), "seconds": seconds, "idle_cpu_pct_before": baseline_idle,
-              "exit": code, "rows": rows, "cpus": os.cpu_count()}
+    result = {"tree": str(args.tree), "worker_nice": args.worker_nice, "seconds": seconds,
+              "idle_cpu_pct_before": baseline_idle, "exit": code, "rows": rows,
+              "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     keys = ("phase", "ok_per_s", "ok_p50_ms", "ok_p99_ms", "busy", "busy_p50_ms", "busy_p99_ms",
-            "probe_busy", "probe_busy_p50_ms", "probe_busy_p99_ms", "share_of_alone",
-            "idle_cpu_pct_after")
+            "probe_busy", "probe_busy_p50_ms", "probe_busy_p99_ms", "daemon_cpu_pct",
+            "clients_cpu_pct", "share_of_alone", "idle_cpu_pct_after")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
