@@ -226,3 +226,26 @@ def test_lp_prior_follows_current_rates() -> None:
         router.lam_t = 0
         router._refresh_lp_prior()
         assert (router.lam == 0.0) == expect_zero
+
+
+def test_lp_prior_plans_the_surplus_for_unlabelled_requests() -> None:
+    """With few served requests labelled the LP aims above alpha (the deficit alone would build
+    that surplus only as fast as labels come); with every request labelled it aims at alpha."""
+    names = ["s", "l"]
+    lams = {}
+    for labelled in (True, False):
+        cfg = RouterConfig(alpha=0.8, c=0.0, optimism=0.0)
+        router = Router(names, cfg)
+        features = router.predictor.featurize("x")
+        for i in range(400):  # s meets alpha on its own: 0.82
+            router.predictor.update(features, 0, float(i % 50 < 41))
+            router.predictor.update(features, 1, 1.0)
+        for i in range(40):
+            d = router.decide(f"q{i}")
+            router.observe_energy(d, {n: 1.0 if n == "s" else 10.0 for n in d.run})
+        router.served_labels = router.t - 1 if labelled else router.t // 10
+        router.lam_t = 0
+        router._refresh_lp_prior()
+        lams[labelled] = router.lam
+    assert lams[True] == 0.0
+    assert lams[False] > 0.0

@@ -106,7 +106,7 @@ class RouterConfig:
     learning_rate: float = 0.1
     energy_head: bool = True
     energy_learning_rate: float = 0.05
-    unlabelled_z: float = 2.0
+    unlabelled_z: float = 3.0
     top_prior: float | None = None
     label_need: float = 0.0
     energy_budget_j: float | None = None

@@ -326,7 +326,10 @@ class Router:
         if not cfg.lp_prior or cfg.alpha is None or self.t - self.lam_t < self._LP_EVERY:
             return
         self.lam_t = self.t
-        target = cfg.alpha  # the margin goes into the deficit only
+        # The decaying margin goes into the deficit only. The surplus for unlabelled requests
+        # is planned here as well: with a share rho of requests labelled, the deficit moves
+        # rho times as fast as with every label, too slowly to build that surplus by itself.
+        target = min(1.0, cfg.alpha + self._unlabelled_margin(cfg.alpha, self.t))
         steps = np.arange(max(1, self.t - len(self.recent) + 1), self.t + 1) % len(self.recent)
         recent = self.recent[steps]  # plain predictions, no bonus
         energy = self.recent_energy[steps]
