@@ -38,6 +38,7 @@ class ServerConfig:
     state_dir: Path | None = None        # None: edged.paths.state_dir()
     queue_size: int = 16                 # queued generations before `busy`
     worker_nice: int = 5                 # generation workers' nice above the socket loop's
+    exploration_backlog: int = 8         # queued explorations per device before one runs first
     max_message_bytes: int = 1 << 20     # ZMQ_MAXMSGSIZE and msgpack limits
     deadline_max_ms: int = 600_000       # cap on any request's deadline (and the default)
     save_interval_s: float = 60.0        # router state saved this often when it changed
@@ -177,6 +178,7 @@ def _server(s: _Section) -> ServerConfig:
         state_dir=s.path("state_dir"),
         queue_size=s.integer("queue_size", 16, 1, 100_000),
         worker_nice=s.integer("worker_nice", 5, 0, 19),
+        exploration_backlog=s.integer("exploration_backlog", 8, 0, 100_000),
         max_message_bytes=s.integer("max_message_bytes", 1 << 20, 1024, 1 << 28),
         deadline_max_ms=s.integer("deadline_max_ms", 600_000, 1, 86_400_000),
         save_interval_s=s.number("save_interval_s", 60.0, 0.1, 86_400.0) or 60.0,

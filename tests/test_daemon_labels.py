@@ -105,6 +105,29 @@ def test_agreement_labels_change_routing_and_survive_a_kill(tmp_path):
         assert d.stop() == 0
 
 
+def test_agreement_labels_arrive_during_a_back_to_back_stream(tmp_path):
+    """Explorations wait for idle time only up to a backlog: under a stream that never lets the
+    daemon idle, the router still gets its agreement labels while the stream lasts."""
+    stream = (prompts("1d") + prompts("3d")) * 2  # 160 requests, all sent at once
+    config = demo_config(tmp_path / "state", sources=["agreement"]).replace(
+        "queue_size = 64", "queue_size = 256\nexploration_backlog = 2")
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        sock = d.socket(zmq.DEALER)
+        for i, text in enumerate(stream):
+            send(sock, {"id": f"r{i}", "op": "generate", "prompt": text})
+        replies = finals(sock, len(stream), timeout_s=120.0)
+        stats = d.call({"id": "s", "op": "stats"})  # right after the last reply: no idle yet
+        sock.close()
+        assert len(replies) == len(stream) and all(r["ok"] for r in replies.values())
+        explored = stats["exploration"]
+        assert explored["queued"] <= 2 + 1, explored  # the backlog, and one being announced
+        assert stats["labels_by_source"]["agreement"] >= 20, stats["labels_by_source"]
+    finally:
+        assert d.stop() == 0
+
+
 def test_real_feedback_overrides_a_pseudo_label(tmp_path):
     # explore on every request, so each one runs the top model and gets agreement labels
     router = 'c = 1.0\nexplore_runs = "all"'

@@ -411,6 +411,7 @@ class Server:
             zoo, router, meter, checker, labels=labels,
             emit=self._emit, queue_size=server.queue_size, devices=devices,
             fallback_meter=self._fallback, worker_nice=server.worker_nice,
+            exploration_backlog=server.exploration_backlog,
         )
         self._attach_journal(journal)
         self.engine.start()
@@ -773,6 +774,7 @@ class Server:
             old_zoo.close()  # a generation still running on it keeps its session until done
         self.model_info = model_info(zoo)
         engine.set_queue_size(new.server.queue_size)
+        engine.set_exploration_backlog(new.server.exploration_backlog)
         self.config = replace(
             new, server=replace(new.server, **{k: getattr(old.server, k) for k in restart_only
                                                if k != "energy"}),

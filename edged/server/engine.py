@@ -196,11 +196,16 @@ class Tasks:
     """New jobs (bounded FIFO, withdrawable) and per-device routed jobs and explorations.
 
     `get(device)` serves, in order: jobs routed to `device`, new jobs (anyone may route them),
-    then explorations on `device`, so exploration never delays a new request.
+    then explorations on `device`, so exploration does not delay a new request, until more
+    than `backlog` explorations wait on the device: then the oldest runs first. Explorations
+    are where the router's labels come from (the only source with agreement labels); under a
+    back-to-back stream they would otherwise all wait for its end, and the router would learn
+    nothing while it lasts.
     """
 
-    def __init__(self, maxsize: int, devices: list[str]) -> None:
+    def __init__(self, maxsize: int, devices: list[str], backlog: int = 8) -> None:
         self.maxsize = maxsize
+        self.backlog = backlog
         self._incoming: deque[Job] = deque()
         self._routed: dict[str, deque[_Routed]] = {d: deque() for d in devices}
         self._explore: dict[str, deque[_Exploration]] = {d: deque() for d in devices}
@@ -232,6 +237,8 @@ class Tasks:
             while True:
                 if self._routed[device]:
                     return self._routed[device].popleft()
+                if len(self._explore[device]) > self.backlog and not self._stopping:
+                    return self._explore[device].popleft()
                 if self._incoming:
                     return self._incoming.popleft()
                 if self._stopping:
@@ -282,6 +289,7 @@ class Engine:
         devices: dict[str, str],
         fallback_meter: EnergyMeter | None = None,
         worker_nice: int = 0,
+        exploration_backlog: int = 8,
     ) -> None:
         self.zoo = zoo
         self.router = router
@@ -304,7 +312,7 @@ class Engine:
         self._active: dict[str, Job] = {}
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
         self._device_locks = {d: threading.Lock() for d in set(devices.values()) or {"cpu"}}
-        self._queue = Tasks(queue_size, sorted(self._device_locks))
+        self._queue = Tasks(queue_size, sorted(self._device_locks), exploration_backlog)
         self._stats: dict[str, _ModelStats] = {}
         self._exploring: set[_Exploration] = set()  # running now
         #: explorations of a reply already sent, not yet queued: counted as queued, so `stats`
@@ -356,6 +364,9 @@ class Engine:
 
     def set_queue_size(self, size: int) -> None:
         self._queue.maxsize = size
+
+    def set_exploration_backlog(self, backlog: int) -> None:
+        self._queue.backlog = backlog
 
     @property
     def queue_size(self) -> int:
