@@ -26,6 +26,9 @@ _SALT_CHAR = np.uint64(0x243F6A8885A308D3)
 _SALT_WORD = np.uint64(0x13198A2E03707344)
 _SALT_BIGRAM = np.uint64(0xA4093822299F31D0)
 _SALT_LEN = np.uint64(0x082EFA98EC4E6C89)
+_SALT_LEN_INT = int(_SALT_LEN)
+_M64_INT = int(_M64)
+_MASK64 = (1 << 64) - 1
 
 
 #: dimensions of the dense shape vector the neighbours expert compares requests by
@@ -79,32 +82,55 @@ def featurize(text: str, dim_bits: int) -> Features:
     shift = np.uint64(64 - dim_bits)
     low = text.lower()
     data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
-    grams: list[np.ndarray] = []
-    with np.errstate(over="ignore"):
-        if data.size >= 3:
-            tri = (data[:-2] * _P1 + data[1:-1]) * _P1 + data[2:]
-            grams.append(_mix(tri, _SALT_CHAR, shift))
-        words = _WORD.findall(low)
-        if words:
-            wh = np.fromiter((zlib.crc32(w.encode()) for w in words), np.uint64, len(words))
-            grams.append(_mix(wh, _SALT_WORD, shift))
-            if len(words) > 1:
-                grams.append(_mix(wh[:-1] * _P1 + wh[1:], _SALT_BIGRAM, shift))
-        shapes = shape_tokens(text, words)
-        sh = np.fromiter((zlib.crc32(w.encode()) for w in shapes), np.uint64, len(shapes))
-        shape_idx = _mix(sh, _SALT_LEN, shift)
-    parts_idx, parts_val = [shape_idx.astype(np.int64)], [np.full(len(shape_idx), 1.0)]
-    parts_val[0] /= math.sqrt(len(shape_idx))  # shape tokens are distinct: counts of 1
-    if grams:
-        gram_idx, counts = np.unique(np.concatenate(grams).astype(np.int64), return_counts=True)
-        gram_val = counts.astype(np.float64)
-        parts_idx.append(gram_idx)
-        parts_val.append(gram_val / np.sqrt(gram_val @ gram_val))
-    idx, inverse = np.unique(np.concatenate(parts_idx), return_inverse=True)
-    val = np.bincount(inverse, weights=np.concatenate(parts_val))  # a shape hash may hit a gram
-    dense = np.bincount((sh % np.uint64(SHAPE_DIM)).astype(np.int64),
-                        minlength=SHAPE_DIM).astype(np.float32)
-    return Features(idx, val / np.sqrt(val @ val), dense / np.float32(np.sqrt(dense @ dense)))
+    grams: list[np.ndarray] = []  # uint64 arrays wrap silently (no overflow warnings)
+    if data.size >= 3:
+        tri = data[:-2] * _P1
+        tri += data[1:-1]
+        tri *= _P1
+        tri += data[2:]
+        grams.append(_mix(tri, _SALT_CHAR, shift))
+    words = _WORD.findall(low)
+    if words:
+        wh = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
+        grams.append(_mix(wh, _SALT_WORD, shift))
+        if len(words) > 1:
+            bigram = wh[:-1] * _P1
+            bigram += wh[1:]
+            grams.append(_mix(bigram, _SALT_BIGRAM, shift))
+    # The shape tokens are a handful: hash them with Python ints (the 64-bit arithmetic of
+    # `_mix`); colliding hashes sum their values in token order.
+    bits = 64 - dim_bits
+    shape: dict[int, float] = {}
+    dense = np.zeros(SHAPE_DIM, dtype=np.float32)
+    tokens = shape_tokens(text, words)
+    value = 1.0 / math.sqrt(len(tokens))  # shape tokens are distinct: counts of 1
+    for token in tokens:
+        h = zlib.crc32(token.encode())
+        i = (((h ^ _SALT_LEN_INT) * _M64_INT) & _MASK64) >> bits
+        shape[i] = shape[i] + value if i in shape else value
+        dense[h % SHAPE_DIM] += 1.0
+    dense /= np.sqrt(dense @ dense)  # a sum of small integer squares: exact
+    keys = sorted(shape)
+    shape_val = [shape[i] for i in keys]
+    if not grams:
+        idx = np.array(keys, dtype=np.int64)
+        val = np.array(shape_val)
+        return Features(idx, val / np.sqrt(val @ val), dense)
+    # One sort of gram and (distinct) shape hashes gives the sorted union with counts; the
+    # shape hashes' ones come off again, then each shape value is added before the gram value.
+    flat = np.concatenate((*grams, np.array(keys, dtype=np.uint64)))
+    flat.sort()
+    edge = np.empty(flat.size + 1, dtype=bool)
+    edge[0] = edge[-1] = True
+    np.not_equal(flat[1:], flat[:-1], out=edge[1:-1])
+    starts = np.flatnonzero(edge)
+    idx = flat[starts[:-1]].astype(np.int64)
+    counts = np.diff(starts)
+    at = idx.searchsorted(keys)
+    counts[at] -= 1  # gram counts only (0 where only a shape token hashed)
+    val = counts / math.sqrt(float(counts @ counts))  # an exact integer sum of squares
+    val[at] = shape_val + val[at]  # x + 0.0 == x where no gram shares the hash
+    return Features(idx, val / np.sqrt(val @ val), dense)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
