@@ -6,25 +6,35 @@ import numpy as np
 
 
 class RunningStats:
-    """Count, mean and sum of squared deviations per model; no history kept."""
+    """Count, mean and sum of squared deviations per model; no history kept.
+
+    `std` and `known` are cached for the router's hot path and refreshed by `add` and
+    `load_arrays` (the only writers; the cache is derived, never saved)."""
 
     def __init__(self, n_models: int) -> None:
         self.count = np.zeros(n_models, dtype=np.int64)
         self.mean = np.zeros(n_models)
         self.m2 = np.zeros(n_models)
+        self._std: np.ndarray | None = None
+        self._known = False
 
     def add(self, model: int, value: float) -> None:
         self.count[model] += 1
         delta = value - self.mean[model]
         self.mean[model] += delta / self.count[model]
         self.m2[model] += delta * (value - self.mean[model])
+        self._std = None
+        if not self._known:
+            self._known = bool((self.count > 0).all())
 
     def std(self) -> np.ndarray:
-        return np.sqrt(self.m2 / np.maximum(self.count - 1, 1))
+        if self._std is None:
+            self._std = np.sqrt(self.m2 / np.maximum(self.count - 1, 1))
+        return self._std.copy()
 
     def known(self) -> bool:
         """True when every model has at least one observation."""
-        return bool((self.count > 0).all())
+        return self._known
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}_count": self.count, f"{prefix}_mean": self.mean, f"{prefix}_m2": self.m2}
@@ -36,6 +46,8 @@ class RunningStats:
         self.count = arrays[f"{prefix}_count"].copy()
         self.mean = arrays[f"{prefix}_mean"].copy()
         self.m2 = arrays[f"{prefix}_m2"].copy()
+        self._std = None
+        self._known = bool((self.count > 0).all())
 
 
 class EnergyHead:
@@ -58,7 +70,10 @@ class EnergyHead:
 
     def factors(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
         """Multiplier of each model's mean joules for the request with features (idx, val)."""
-        return np.exp(np.clip(self.weights[:, idx] @ val, -self.CLIP, self.CLIP))
+        g = self.weights[:, idx] @ val
+        np.maximum(g, -self.CLIP, out=g)  # np.clip, without its overhead
+        np.minimum(g, self.CLIP, out=g)
+        return np.exp(g, out=g)
 
     def update(self, idx: np.ndarray, val: np.ndarray, model: int, ratio: float) -> None:
         """Learn that this request cost `ratio` times the model's mean joules."""

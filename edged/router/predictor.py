@@ -137,6 +137,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
 
 
+def _sigmoid_fresh(z: np.ndarray) -> np.ndarray:
+    """`_sigmoid` of a float64 array the caller gives away (overwritten: fewer temporaries);
+    the same operations on the same values, so bit-identical."""
+    np.maximum(z, -30.0, out=z)
+    np.minimum(z, 30.0, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    z += 1.0
+    return np.divide(1.0, z, out=z)
+
+
 #: The experts mixed per model (rows of `Predictor.loss`).
 EXPERTS = ("rate", "head", "chain", "neighbours")
 
@@ -203,9 +214,12 @@ class Predictor:
         self.pair_gain = np.zeros(n_models)  # sum of label_m - label_{m-1} over those
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
+        self._rows = np.arange(n_models)[:, None]
         self._refresh_rates()
 
     def _refresh_rates(self) -> None:
+        """Rates, their logits, and the caches `experts` reads (refreshed after every change of
+        labels, losses, pairs or memory; derived, never saved)."""
         rates = np.empty(self.n_models)
         prior, strength = 0.5, 2.0
         for m in range(self.n_models):
@@ -222,6 +236,13 @@ class Predictor:
                 self.labels[top] + self.prior_strength)
         self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
         self._base = np.log(self.rates / (1.0 - self.rates))
+        self._rates_list = self.rates.tolist()
+        self._rates2 = 2.0 * self.rates
+        self._weights_list = self.expert_weights().tolist()
+        self._gains_list = self.gains().tolist()
+        # slots not yet filled, per model (None once every model's memory is full)
+        empty = np.arange(self.MEMORY)[None, :] >= self.memory_n[:, None]
+        self._memory_empty = empty if empty.any() else None
 
     def uncertainty(self, t: int) -> np.ndarray:
         """UCB width of each model's running success rate after t requests:
@@ -274,11 +295,11 @@ class Predictor:
         """
         out = np.empty((len(EXPERTS) + 1, self.n_models))
         out[0] = self.rates
-        out[1] = _sigmoid(self._base + self.residuals(features))
+        out[1] = _sigmoid_fresh(self._base + self.residuals(features))
         out[3] = self.neighbours(features.shape)
-        w = self.expert_weights().tolist()  # plain floats: the loop below is scalar math
-        gains = self.gains().tolist()
-        rates, heads, near = out[0].tolist(), out[1].tolist(), out[3].tolist()
+        # plain floats (cached by _refresh_rates): the loop below is scalar math
+        w, gains, rates = self._weights_list, self._gains_list, self._rates_list
+        heads, near = out[1].tolist(), out[3].tolist()
         unchained = 0 if self.top_prior is None else self.n_models - 1
         mixed = 0.0
         for m in range(self.n_models):
@@ -295,13 +316,15 @@ class Predictor:
         two labels: a few labels of requests shaped alike (a 3-digit sum, a yes/no question)
         say more than hundreds of n-gram weights can learn from them."""
         sims = self.memory_shape @ shape  # (models, MEMORY): one matmul for every model
-        filled = np.arange(self.MEMORY)[None, :] < self.memory_n[:, None]
-        sims = np.where(filled, sims, -1.0)
+        if self._memory_empty is not None:  # empty slots never count
+            np.putmask(sims, self._memory_empty, -1.0)
         k = min(self.NEIGHBOURS, self.MEMORY)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        w = np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) ** 2
-        hits = (w * np.take_along_axis(self.memory_label, top, axis=1)).sum(axis=1)
-        return (hits + 2.0 * self.rates) / (w.sum(axis=1) + 2.0)
+        w = sims[self._rows, top]  # np.take_along_axis without its overhead
+        np.maximum(w, 0.0, out=w)
+        np.square(w, out=w)
+        hits = (w * self.memory_label[self._rows, top]).sum(axis=1)
+        return (hits + self._rates2) / (w.sum(axis=1) + 2.0)
 
     def predict(self, features: Features) -> np.ndarray:
         """Satisfaction probability per model.
@@ -313,13 +336,14 @@ class Predictor:
         calibrated forecasts stays calibrated.
         """
         if not self.calibration:
-            return _sigmoid(self._base + self.residuals(features))
+            return _sigmoid_fresh(self._base + self.residuals(features))
         return self.experts(features)[-1]
 
     def observe_pair(self, model: int, label: float, cheaper_label: float) -> None:
         """Labels of `model` and of the next cheaper model on the same request."""
         self.pair_n[model] += 1.0
         self.pair_gain[model] += label - cheaper_label
+        self._gains_list = self.gains().tolist()
 
     def update(
         self, features: Features, model: int, label: float, experts: np.ndarray | None = None

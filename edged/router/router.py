@@ -112,11 +112,12 @@ class Router:
     def _energy_estimate(self, features: Features | None = None) -> np.ndarray:
         """Running means, times the energy head's per-request factor when `features` are given
         (and `energy_head` is on); models never measured get a placeholder rising with rank."""
-        est = self.energy.mean.copy()
-        unknown = self.energy.count == 0
         if features is not None and self.config.energy_head:
-            est *= self.energy_head.factors(features.idx, features.val)
-        if unknown.any():
+            est = self.energy.mean * self.energy_head.factors(features.idx, features.val)
+        else:
+            est = self.energy.mean.copy()
+        if not self.energy.known():
+            unknown = self.energy.count == 0
             scale = est[~unknown].max() if (~unknown).any() else 1.0
             ranks = np.arange(1, len(self.names) + 1) / len(self.names)
             est[unknown] = scale * ranks[unknown]
