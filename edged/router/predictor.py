@@ -237,6 +237,7 @@ class Predictor:
         self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
         self._base = np.log(self.rates / (1.0 - self.rates))
         self._rates_list = self.rates.tolist()
+        self._labels2 = self.labels + 2.0
         self._rates2 = 2.0 * self.rates
         self._weights_list = self.expert_weights().tolist()
         self._gains_list = self.gains().tolist()
@@ -247,7 +248,7 @@ class Predictor:
     def uncertainty(self, t: int) -> np.ndarray:
         """UCB width of each model's running success rate after t requests:
         sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
-        return np.sqrt(np.log1p(t) / (self.labels + 2.0))
+        return np.sqrt(np.log1p(t) / self._labels2)
 
     def featurize(self, text: str, embedding: np.ndarray | None = None) -> Features:
         """Hashed features of `text`, followed by `embedding` (extra_dim dense values, e.g. a
