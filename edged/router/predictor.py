@@ -45,10 +45,6 @@ class Features:
     shape: np.ndarray = field(default_factory=lambda: np.zeros(SHAPE_DIM, np.float32))
 
 
-def _mix(h: np.ndarray, salt: np.uint64, shift: np.uint64) -> np.ndarray:
-    return ((h ^ salt) * _M64) >> shift
-
-
 def shape_tokens(text: str, words: list[str] | None = None) -> list[str]:
     """Words for what n-grams miss: how many numbers and how long each is, the text's length
     in words and characters, its first and last word, its closing character. Difficulty often
@@ -79,26 +75,10 @@ def featurize(text: str, dim_bits: int) -> Features:
     Each family is L2-normalised on its own and weighted (n-grams 1, shape 1), so a long text's
     hundreds of n-grams cannot drown the handful of shape tokens.
     """
-    shift = np.uint64(64 - dim_bits)
     low = text.lower()
-    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
-    grams: list[np.ndarray] = []  # uint64 arrays wrap silently (no overflow warnings)
-    if data.size >= 3:
-        tri = data[:-2] * _P1
-        tri += data[1:-1]
-        tri *= _P1
-        tri += data[2:]
-        grams.append(_mix(tri, _SALT_CHAR, shift))
     words = _WORD.findall(low)
-    if words:
-        wh = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
-        grams.append(_mix(wh, _SALT_WORD, shift))
-        if len(words) > 1:
-            bigram = wh[:-1] * _P1
-            bigram += wh[1:]
-            grams.append(_mix(bigram, _SALT_BIGRAM, shift))
-    # The shape tokens are a handful: hash them with Python ints (the 64-bit arithmetic of
-    # `_mix`); colliding hashes sum their values in token order.
+    # The shape tokens are a handful: hash them with Python ints (the same 64-bit
+    # `((h ^ salt) * M64) >> shift` as the grams); colliding hashes sum their values in token order.
     bits = 64 - dim_bits
     shape: dict[int, float] = {}
     dense = np.zeros(SHAPE_DIM, dtype=np.float32)
@@ -112,20 +92,43 @@ def featurize(text: str, dim_bits: int) -> Features:
     dense /= np.sqrt(dense @ dense)  # a sum of small integer squares: exact
     keys = sorted(shape)
     shape_val = [shape[i] for i in keys]
-    if not grams:
+    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
+    n_tri = max(data.size - 2, 0)
+    n_grams = n_tri + 2 * len(words) - 1 if words else n_tri
+    if not n_grams:
         idx = np.array(keys, dtype=np.int64)
         val = np.array(shape_val)
         return Features(idx, val / np.sqrt(val @ val), dense)
-    # One sort of gram and (distinct) shape hashes gives the sorted union with counts; the
-    # shape hashes' ones come off again, then each shape value is added before the gram value.
-    flat = np.concatenate((*grams, np.array(keys, dtype=np.uint64)))
+    # Every gram family is salted in place in one buffer, then mixed (`* M64 >> shift`) in one pass
+    # (uint64 arithmetic wraps silently); the distinct shape hashes follow.
+    flat = np.empty(n_grams + len(keys), dtype=np.uint64)
+    if n_tri:
+        tri = flat[:n_tri]
+        np.multiply(data[:-2], _P1, out=tri)
+        tri += data[1:-1]
+        tri *= _P1
+        tri += data[2:]
+        tri ^= _SALT_CHAR
+    if words:
+        wh = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
+        np.bitwise_xor(wh, _SALT_WORD, out=flat[n_tri:n_tri + len(words)])
+        bigram = flat[n_tri + len(words):n_grams]
+        np.multiply(wh[:-1], _P1, out=bigram)
+        bigram += wh[1:]
+        bigram ^= _SALT_BIGRAM
+    grams = flat[:n_grams]
+    grams *= _M64
+    grams >>= np.uint64(bits)
+    flat[n_grams:] = keys
+    # One sort of gram and shape hashes gives the sorted union with counts; the shape hashes'
+    # ones come off again, then each shape value is added before the gram value.
     flat.sort()
     edge = np.empty(flat.size + 1, dtype=bool)
     edge[0] = edge[-1] = True
     np.not_equal(flat[1:], flat[:-1], out=edge[1:-1])
     starts = np.flatnonzero(edge)
     idx = flat[starts[:-1]].astype(np.int64)
-    counts = np.diff(starts)
+    counts = starts[1:] - starts[:-1]
     at = idx.searchsorted(keys)
     counts[at] -= 1  # gram counts only (0 where only a shape token hashed)
     val = counts / math.sqrt(float(counts @ counts))  # an exact integer sum of squares
