@@ -248,6 +248,17 @@ class Predictor:
         empty = np.arange(self.MEMORY)[None, :] >= self.memory_n[:, None]
         self._memory_empty = empty if empty.any() else None
 
+    @property
+    def weights(self) -> np.ndarray:
+        """(rows, dim) view of the head's weights, stored feature-major (dim, rows) so that a
+        request's weights of every row share cache lines (`residuals` gathers one row of the
+        storage per feature); the state file gets the (rows, dim) C-order array as always."""
+        return self._weights_t.T
+
+    @weights.setter
+    def weights(self, value: np.ndarray) -> None:
+        self._weights_t = np.array(value.T, order="C")  # a copy, feature-major
+
     def uncertainty(self, t: int) -> np.ndarray:
         """UCB width of each model's running success rate after t requests:
         sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
@@ -267,7 +278,8 @@ class Predictor:
 
     def residuals(self, features: Features) -> np.ndarray:
         """Per-request deviation from each model's running rate, in logits (the text head)."""
-        w = self.weights[:, features.idx] @ features.val
+        # the same (rows, nnz) Fortran-order operand as `weights[:, idx]`, so the same BLAS call
+        w = self._weights_t.take(features.idx, axis=0).T @ features.val
         own = w[1:]
         return own + w[0] if self.shared else own
 
@@ -382,7 +394,7 @@ class Predictor:
     def arrays(self) -> dict[str, np.ndarray]:
         """Parameters for the state file."""
         return {
-            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq,
+            "pred_weights": np.ascontiguousarray(self.weights), "pred_grad_sq": self.grad_sq,
             "pred_loss": self.loss, "pred_labels": self.labels, "pred_hits": self.hits,
             "pred_memory_shape": self.memory_shape, "pred_memory_label": self.memory_label,
             "pred_memory_n": self.memory_n,
@@ -397,7 +409,7 @@ class Predictor:
                     f"{name}: shape {arrays[name].shape} {arrays[name].dtype}, "
                     f"expected {value.shape} {value.dtype}"
                 )
-        self.weights = arrays["pred_weights"].copy()
+        self.weights = arrays["pred_weights"]  # the setter copies
         self.grad_sq = arrays["pred_grad_sq"].copy()
         self.loss = arrays["pred_loss"].copy()
         self.memory_shape = arrays["pred_memory_shape"].copy()
