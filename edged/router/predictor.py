@@ -311,7 +311,7 @@ class Predictor:
         """
         out = np.empty((len(EXPERTS) + 1, self.n_models))
         out[0] = self.rates
-        out[1] = _sigmoid_fresh(self._base + self.residuals(features))
+        _sigmoid_fresh(np.add(self._base, self.residuals(features), out=out[1]))
         out[3] = self.neighbours(features.shape)
         # plain floats (cached by _refresh_rates): the loop below is scalar math
         w, gains, rates = self._weights_list, self._gains_list, self._rates_list
@@ -339,8 +339,8 @@ class Predictor:
         w = sims[self._rows, top]  # np.take_along_axis without its overhead
         np.maximum(w, 0.0, out=w)
         np.square(w, out=w)
-        hits = (w * self.memory_label[self._rows, top]).sum(axis=1)
-        return (hits + self._rates2) / (w.sum(axis=1) + 2.0)
+        hits = np.add.reduce(w * self.memory_label[self._rows, top], axis=1)  # = .sum(axis=1)
+        return (hits + self._rates2) / (np.add.reduce(w, axis=1) + 2.0)
 
     def predict(self, features: Features) -> np.ndarray:
         """Satisfaction probability per model.
