@@ -2,7 +2,10 @@
 
 Compares edged's default RouterConfig with the faithful MESS+ configuration (the named
 baseline) in the same run: the routers take turns request by request, so a busy machine slows
-both alike. Prints a table and writes JSON (ratios edged / baseline). Texts: short synthetic
+both alike. Wall-clock percentiles include time the process waited for a CPU (other jobs on a
+shared machine: a preempted request waits a whole time slice, milliseconds); `cpu` percentiles
+are the thread's CPU time for the same calls, which that wait does not count.
+Prints a table and writes JSON (ratios edged / baseline). Texts: short synthetic
 questions, or (`--texts messplus`) the MESS+ trace questions, shuffled.
 
     python tools/bench/router.py [--requests 5000] [--texts bench|messplus]
@@ -55,27 +58,34 @@ def measure(
     rngs = {label: np.random.default_rng(1) for label in configs}
     energy = {n: 10.0 * 3**i for i, n in enumerate(names)}
     decide_ns: dict[str, list[int]] = {label: [] for label in configs}
+    decide_cpu_ns: dict[str, list[int]] = {label: [] for label in configs}
     update_ns: dict[str, list[int]] = {label: [] for label in configs}
     for text in prompts:
         for label, router in routers.items():
             rng = rngs[label]
+            c0 = time.thread_time_ns()
             t0 = time.perf_counter_ns()
             d = router.decide(text)
             t1 = time.perf_counter_ns()
+            c1 = time.thread_time_ns()
             router.observe_energy(d, {m: energy[m] for m in d.run})
             router.observe_labels(d, {m: float(rng.random() < 0.7) for m in d.run})
             t2 = time.perf_counter_ns()
             decide_ns[label].append(t1 - t0)
+            decide_cpu_ns[label].append(c1 - c0)
             update_ns[label].append(t2 - t1)
     warm = len(prompts) // 10  # skip the cold start
     out = {}
     for label in configs:
         dec = np.array(decide_ns[label][warm:]) / 1000.0
+        cpu = np.array(decide_cpu_ns[label][warm:]) / 1000.0
         upd = np.array(update_ns[label][warm:]) / 1000.0
         out[label] = {
             "decide_p50_us": float(np.percentile(dec, 50)),
             "decide_p90_us": float(np.percentile(dec, 90)),
             "decide_p99_us": float(np.percentile(dec, 99)),
+            "decide_cpu_p50_us": float(np.percentile(cpu, 50)),
+            "decide_cpu_p99_us": float(np.percentile(cpu, 99)),
             "update_p50_us": float(np.percentile(upd, 50)),
             "update_p99_us": float(np.percentile(upd, 99)),
         }
@@ -101,10 +111,12 @@ def main() -> int:
             rows.append({"models": n_models, "config": label, **result})
     print("\r\033[K", end="", file=sys.stderr, flush=True)
     print(f"{'models':>6} {'config':20} {'decide p50':>10} {'decide p90':>10} {'decide p99':>10} "
-          f"{'update p50':>10} {'update p99':>10}  (us, {args.texts} texts)")
+          f"{'cpu p50':>8} {'cpu p99':>8} {'update p50':>10} {'update p99':>10}"
+          f"  (us, {args.texts} texts)")
     for r in rows:
         print(f"{r['models']:>6} {r['config']:20} {r['decide_p50_us']:10.1f} "
               f"{r['decide_p90_us']:10.1f} {r['decide_p99_us']:10.1f} "
+              f"{r['decide_cpu_p50_us']:8.1f} {r['decide_cpu_p99_us']:8.1f} "
               f"{r['update_p50_us']:10.1f} {r['update_p99_us']:10.1f}")
     ratios = {}
     for n_models in (3, 8):
