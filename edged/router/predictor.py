@@ -81,18 +81,19 @@ def featurize(text: str, dim_bits: int) -> Features:
     # `((h ^ salt) * M64) >> shift` as the grams); colliding hashes sum their values in token order.
     bits = 64 - dim_bits
     shape: dict[int, float] = {}
-    dense = np.zeros(SHAPE_DIM, dtype=np.float32)
+    dense_counts = [0] * SHAPE_DIM
     tokens = shape_tokens(text, words)
     value = 1.0 / math.sqrt(len(tokens))  # shape tokens are distinct: counts of 1
     for token in tokens:
         h = zlib.crc32(token.encode())
         i = (((h ^ _SALT_LEN_INT) * _M64_INT) & _MASK64) >> bits
         shape[i] = shape[i] + value if i in shape else value
-        dense[h % SHAPE_DIM] += 1.0
+        dense_counts[h % SHAPE_DIM] += 1
+    dense = np.array(dense_counts, dtype=np.float32)
     dense /= np.sqrt(dense @ dense)  # a sum of small integer squares: exact
     keys = sorted(shape)
     shape_val = [shape[i] for i in keys]
-    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
+    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8)  # widened by the uint64 ops
     n_tri = max(data.size - 2, 0)
     n_grams = n_tri + 2 * len(words) - 1 if words else n_tri
     if not n_grams:
