@@ -71,7 +71,7 @@ def choose(cost: np.ndarray, allowed: Sequence[bool] | np.ndarray | None = None)
         if not mask.any():
             return 0
         cost = np.where(mask, cost, np.inf)
-    return int(np.argmin(cost))
+    return int(np.asarray(cost).argmin())
 
 
 def lagrangian_choice(energy: np.ndarray, satisfaction: np.ndarray, lam: float) -> np.ndarray:

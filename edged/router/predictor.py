@@ -26,6 +26,9 @@ _SALT_CHAR = np.uint64(0x243F6A8885A308D3)
 _SALT_WORD = np.uint64(0x13198A2E03707344)
 _SALT_BIGRAM = np.uint64(0xA4093822299F31D0)
 _SALT_LEN = np.uint64(0x082EFA98EC4E6C89)
+_SALT_LEN_INT = int(_SALT_LEN)
+_M64_INT = int(_M64)
+_MASK64 = (1 << 64) - 1
 
 
 #: dimensions of the dense shape vector the neighbours expert compares requests by
@@ -40,10 +43,6 @@ class Features:
     idx: np.ndarray
     val: np.ndarray
     shape: np.ndarray = field(default_factory=lambda: np.zeros(SHAPE_DIM, np.float32))
-
-
-def _mix(h: np.ndarray, salt: np.uint64, shift: np.uint64) -> np.ndarray:
-    return ((h ^ salt) * _M64) >> shift
 
 
 def shape_tokens(text: str, words: list[str] | None = None) -> list[str]:
@@ -76,39 +75,81 @@ def featurize(text: str, dim_bits: int) -> Features:
     Each family is L2-normalised on its own and weighted (n-grams 1, shape 1), so a long text's
     hundreds of n-grams cannot drown the handful of shape tokens.
     """
-    shift = np.uint64(64 - dim_bits)
     low = text.lower()
-    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
-    grams: list[np.ndarray] = []
-    with np.errstate(over="ignore"):
-        if data.size >= 3:
-            tri = (data[:-2] * _P1 + data[1:-1]) * _P1 + data[2:]
-            grams.append(_mix(tri, _SALT_CHAR, shift))
-        words = _WORD.findall(low)
-        if words:
-            wh = np.fromiter((zlib.crc32(w.encode()) for w in words), np.uint64, len(words))
-            grams.append(_mix(wh, _SALT_WORD, shift))
-            if len(words) > 1:
-                grams.append(_mix(wh[:-1] * _P1 + wh[1:], _SALT_BIGRAM, shift))
-        shapes = shape_tokens(text, words)
-        sh = np.fromiter((zlib.crc32(w.encode()) for w in shapes), np.uint64, len(shapes))
-        shape_idx = _mix(sh, _SALT_LEN, shift)
-    parts_idx, parts_val = [shape_idx.astype(np.int64)], [np.full(len(shape_idx), 1.0)]
-    parts_val[0] /= math.sqrt(len(shape_idx))  # shape tokens are distinct: counts of 1
-    if grams:
-        gram_idx, counts = np.unique(np.concatenate(grams).astype(np.int64), return_counts=True)
-        gram_val = counts.astype(np.float64)
-        parts_idx.append(gram_idx)
-        parts_val.append(gram_val / np.sqrt(gram_val @ gram_val))
-    idx, inverse = np.unique(np.concatenate(parts_idx), return_inverse=True)
-    val = np.bincount(inverse, weights=np.concatenate(parts_val))  # a shape hash may hit a gram
-    dense = np.bincount((sh % np.uint64(SHAPE_DIM)).astype(np.int64),
-                        minlength=SHAPE_DIM).astype(np.float32)
-    return Features(idx, val / np.sqrt(val @ val), dense / np.float32(np.sqrt(dense @ dense)))
+    words = _WORD.findall(low)
+    # The shape tokens are a handful: hash them with Python ints (the same 64-bit
+    # `((h ^ salt) * M64) >> shift` as the grams); colliding hashes sum their values in token order.
+    bits = 64 - dim_bits
+    shape: dict[int, float] = {}
+    dense_counts = [0] * SHAPE_DIM
+    tokens = shape_tokens(text, words)
+    value = 1.0 / math.sqrt(len(tokens))  # shape tokens are distinct: counts of 1
+    for token in tokens:
+        h = zlib.crc32(token.encode())
+        i = (((h ^ _SALT_LEN_INT) * _M64_INT) & _MASK64) >> bits
+        shape[i] = shape[i] + value if i in shape else value
+        dense_counts[h % SHAPE_DIM] += 1
+    dense = np.array(dense_counts, dtype=np.float32)
+    dense /= np.sqrt(dense @ dense)  # a sum of small integer squares: exact
+    keys = sorted(shape)
+    shape_val = [shape[i] for i in keys]
+    data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8)  # widened by the uint64 ops
+    n_tri = max(data.size - 2, 0)
+    n_grams = n_tri + 2 * len(words) - 1 if words else n_tri
+    if not n_grams:
+        idx = np.array(keys, dtype=np.int64)
+        val = np.array(shape_val)
+        return Features(idx, val / np.sqrt(val @ val), dense)
+    # Every gram family is salted in place in one buffer, then mixed (`* M64 >> shift`) in one pass
+    # (uint64 arithmetic wraps silently); the distinct shape hashes follow.
+    flat = np.empty(n_grams + len(keys), dtype=np.uint64)
+    if n_tri:
+        tri = flat[:n_tri]
+        np.multiply(data[:-2], _P1, out=tri)
+        tri += data[1:-1]
+        tri *= _P1
+        tri += data[2:]
+        tri ^= _SALT_CHAR
+    if words:
+        wh = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
+        np.bitwise_xor(wh, _SALT_WORD, out=flat[n_tri:n_tri + len(words)])
+        bigram = flat[n_tri + len(words):n_grams]
+        np.multiply(wh[:-1], _P1, out=bigram)
+        bigram += wh[1:]
+        bigram ^= _SALT_BIGRAM
+    grams = flat[:n_grams]
+    grams *= _M64
+    grams >>= np.uint64(bits)
+    flat[n_grams:] = keys
+    # One sort of gram and shape hashes gives the sorted union with counts; the shape hashes'
+    # ones come off again, then each shape value is added before the gram value.
+    flat.sort()
+    edge = np.empty(flat.size + 1, dtype=bool)
+    edge[0] = edge[-1] = True
+    np.not_equal(flat[1:], flat[:-1], out=edge[1:-1])
+    starts = np.flatnonzero(edge)
+    idx = flat[starts[:-1]].astype(np.int64)
+    counts = starts[1:] - starts[:-1]
+    at = idx.searchsorted(keys)
+    counts[at] -= 1  # gram counts only (0 where only a shape token hashed)
+    val = counts / math.sqrt(float(counts @ counts))  # an exact integer sum of squares
+    val[at] = shape_val + val[at]  # x + 0.0 == x where no gram shares the hash
+    return Features(idx, val / np.sqrt(val @ val), dense)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+def _sigmoid_fresh(z: np.ndarray) -> np.ndarray:
+    """`_sigmoid` of a float64 array the caller gives away (overwritten: fewer temporaries);
+    the same operations on the same values, so bit-identical."""
+    np.maximum(z, -30.0, out=z)
+    np.minimum(z, 30.0, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    z += 1.0
+    return np.divide(1.0, z, out=z)
 
 
 #: The experts mixed per model (rows of `Predictor.loss`).
@@ -177,9 +218,12 @@ class Predictor:
         self.pair_gain = np.zeros(n_models)  # sum of label_m - label_{m-1} over those
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
+        self._rows = np.arange(n_models)[:, None]
         self._refresh_rates()
 
     def _refresh_rates(self) -> None:
+        """Rates, their logits, and the caches `experts` reads (refreshed after every change of
+        labels, losses, pairs or memory; derived, never saved)."""
         rates = np.empty(self.n_models)
         prior, strength = 0.5, 2.0
         for m in range(self.n_models):
@@ -196,11 +240,30 @@ class Predictor:
                 self.labels[top] + self.prior_strength)
         self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
         self._base = np.log(self.rates / (1.0 - self.rates))
+        self._rates_list = self.rates.tolist()
+        self._labels2 = self.labels + 2.0
+        self._rates2 = 2.0 * self.rates
+        self._weights_list = self.expert_weights().tolist()
+        self._gains_list = self.gains().tolist()
+        # slots not yet filled, per model (None once every model's memory is full)
+        empty = np.arange(self.MEMORY)[None, :] >= self.memory_n[:, None]
+        self._memory_empty = empty if empty.any() else None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(rows, dim) view of the head's weights, stored feature-major (dim, rows) so that a
+        request's weights of every row share cache lines (`residuals` gathers one row of the
+        storage per feature); the state file gets the (rows, dim) C-order array as always."""
+        return self._weights_t.T
+
+    @weights.setter
+    def weights(self, value: np.ndarray) -> None:
+        self._weights_t = np.array(value.T, order="C")  # a copy, feature-major
 
     def uncertainty(self, t: int) -> np.ndarray:
         """UCB width of each model's running success rate after t requests:
         sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
-        return np.sqrt(np.log1p(t) / (self.labels + 2.0))
+        return np.sqrt(np.log1p(t) / self._labels2)
 
     def featurize(self, text: str, embedding: np.ndarray | None = None) -> Features:
         """Hashed features of `text`, followed by `embedding` (extra_dim dense values, e.g. a
@@ -216,7 +279,8 @@ class Predictor:
 
     def residuals(self, features: Features) -> np.ndarray:
         """Per-request deviation from each model's running rate, in logits (the text head)."""
-        w = self.weights[:, features.idx] @ features.val
+        # the same (rows, nnz) Fortran-order operand as `weights[:, idx]`, so the same BLAS call
+        w = self._weights_t.take(features.idx, axis=0).T @ features.val
         own = w[1:]
         return own + w[0] if self.shared else own
 
@@ -248,11 +312,11 @@ class Predictor:
         """
         out = np.empty((len(EXPERTS) + 1, self.n_models))
         out[0] = self.rates
-        out[1] = _sigmoid(self._base + self.residuals(features))
+        _sigmoid_fresh(np.add(self._base, self.residuals(features), out=out[1]))
         out[3] = self.neighbours(features.shape)
-        w = self.expert_weights().tolist()  # plain floats: the loop below is scalar math
-        gains = self.gains().tolist()
-        rates, heads, near = out[0].tolist(), out[1].tolist(), out[3].tolist()
+        # plain floats (cached by _refresh_rates): the loop below is scalar math
+        w, gains, rates = self._weights_list, self._gains_list, self._rates_list
+        heads, near = out[1].tolist(), out[3].tolist()
         unchained = 0 if self.top_prior is None else self.n_models - 1
         mixed = 0.0
         for m in range(self.n_models):
@@ -269,13 +333,15 @@ class Predictor:
         two labels: a few labels of requests shaped alike (a 3-digit sum, a yes/no question)
         say more than hundreds of n-gram weights can learn from them."""
         sims = self.memory_shape @ shape  # (models, MEMORY): one matmul for every model
-        filled = np.arange(self.MEMORY)[None, :] < self.memory_n[:, None]
-        sims = np.where(filled, sims, -1.0)
+        if self._memory_empty is not None:  # empty slots never count
+            np.putmask(sims, self._memory_empty, -1.0)
         k = min(self.NEIGHBOURS, self.MEMORY)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        w = np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) ** 2
-        hits = (w * np.take_along_axis(self.memory_label, top, axis=1)).sum(axis=1)
-        return (hits + 2.0 * self.rates) / (w.sum(axis=1) + 2.0)
+        w = sims[self._rows, top]  # np.take_along_axis without its overhead
+        np.maximum(w, 0.0, out=w)
+        np.square(w, out=w)
+        hits = np.add.reduce(w * self.memory_label[self._rows, top], axis=1)  # = .sum(axis=1)
+        return (hits + self._rates2) / (np.add.reduce(w, axis=1) + 2.0)
 
     def predict(self, features: Features) -> np.ndarray:
         """Satisfaction probability per model.
@@ -287,13 +353,14 @@ class Predictor:
         calibrated forecasts stays calibrated.
         """
         if not self.calibration:
-            return _sigmoid(self._base + self.residuals(features))
+            return _sigmoid_fresh(self._base + self.residuals(features))
         return self.experts(features)[-1]
 
     def observe_pair(self, model: int, label: float, cheaper_label: float) -> None:
         """Labels of `model` and of the next cheaper model on the same request."""
         self.pair_n[model] += 1.0
         self.pair_gain[model] += label - cheaper_label
+        self._gains_list = self.gains().tolist()
 
     def update(
         self, features: Features, model: int, label: float, experts: np.ndarray | None = None
@@ -328,7 +395,7 @@ class Predictor:
     def arrays(self) -> dict[str, np.ndarray]:
         """Parameters for the state file."""
         return {
-            "pred_weights": self.weights, "pred_grad_sq": self.grad_sq,
+            "pred_weights": np.ascontiguousarray(self.weights), "pred_grad_sq": self.grad_sq,
             "pred_loss": self.loss, "pred_labels": self.labels, "pred_hits": self.hits,
             "pred_memory_shape": self.memory_shape, "pred_memory_label": self.memory_label,
             "pred_memory_n": self.memory_n,
@@ -343,7 +410,7 @@ class Predictor:
                     f"{name}: shape {arrays[name].shape} {arrays[name].dtype}, "
                     f"expected {value.shape} {value.dtype}"
                 )
-        self.weights = arrays["pred_weights"].copy()
+        self.weights = arrays["pred_weights"]  # the setter copies
         self.grad_sq = arrays["pred_grad_sq"].copy()
         self.loss = arrays["pred_loss"].copy()
         self.memory_shape = arrays["pred_memory_shape"].copy()

@@ -112,11 +112,12 @@ class Router:
     def _energy_estimate(self, features: Features | None = None) -> np.ndarray:
         """Running means, times the energy head's per-request factor when `features` are given
         (and `energy_head` is on); models never measured get a placeholder rising with rank."""
-        est = self.energy.mean.copy()
-        unknown = self.energy.count == 0
         if features is not None and self.config.energy_head:
-            est *= self.energy_head.factors(features.idx, features.val)
-        if unknown.any():
+            est = self.energy.mean * self.energy_head.factors(features.idx, features.val)
+        else:
+            est = self.energy.mean.copy()
+        if not self.energy.known():
+            unknown = self.energy.count == 0
             scale = est[~unknown].max() if (~unknown).any() else 1.0
             ranks = np.arange(1, len(self.names) + 1) / len(self.names)
             est[unknown] = scale * ranks[unknown]
@@ -143,7 +144,7 @@ class Router:
             raise RouterError("this router was built without embeddings (embedding_dim=0)")
         if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
             raise RouterError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
-        unknown = set(exclude) - set(self.names)
+        unknown = set(exclude) - set(self.names) if exclude else None
         if unknown:
             raise RouterError(f"exclude names unknown models {sorted(unknown)}")
         cfg = self.config
@@ -191,7 +192,8 @@ class Router:
             energy_j=energy_j, budget_j=cfg.energy_budget_j,
         )
         choice = messplus.choose(cost[:limit], pick)
-        if cfg.optimism:
+        # upward: no bonus below the choice, so none can move a choice at the last allowed rank
+        if cfg.optimism and not (cfg.optimism_upward and choice + 1 >= limit):
             bonus = cfg.optimism * self.predictor.uncertainty(t)
             if cfg.optimism_upward:
                 bonus[: choice + 1] = 0.0
@@ -222,12 +224,12 @@ class Router:
             if cfg.explore_serves == "dearest":
                 choice = int(run_idx[-1])  # serve the dearest model that ran, as the paper does
             self.explorations += 1
-        self.calls[run_idx] += 1
+        self.calls += runs  # runs: one bool per model
         self.served[choice] += 1
         names = self.names
         return Decision(
             t=t, model=names[choice], explored=explored,
-            run=tuple(names[i] for i in run_idx), q=self.q, z=self.z, target=target,
+            run=tuple(names[i] for i in run_idx.tolist()), q=self.q, z=self.z, target=target,
             predicted_satisfaction=dict(zip(names, sat.tolist(), strict=True)),
             predicted_energy_j=dict(zip(names, energy_j.tolist(), strict=True)),
             predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
