@@ -214,7 +214,10 @@ def _router(s: _Section) -> dict[str, Any]:
         out["seed"] = s.integer("seed", 0, 0, (1 << 63) - 1)
     # The server checks the rest against RouterConfig's fields (config imports nothing of edged).
     for key, value in s.finish(known_only=False).items():
-        if not isinstance(value, (bool, int, float, str)):
+        if key == "experts":  # the one list-valued field
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise s.error(key, f"must be a list of expert names, got {value!r}")
+        elif not isinstance(value, (bool, int, float, str)):
             raise s.error(key, "must be a number, bool or string")
         out[key] = value
     return out

@@ -81,6 +81,8 @@ checker = "number"
     ("[router]\nalpha = 1.5", "[router] alpha"),
     ("[router]\nV = \"fast\"", "[router] V"),
     ("[router]\nfoo = [1]", "[router] foo"),
+    ("[router]\nexperts = \"rate\"", "[router] experts"),
+    ("[router]\nexperts = [1]", "[router] experts"),
     ("[models]\nmanifest = \"z.toml\"\ndirs = [\"a\"]", "[models] dirs"),
     ("[models]\ndirs = [1]", "[models] dirs"),
     ("[labels]\nchecker = 3", "[labels] checker"),

@@ -54,6 +54,26 @@ def test_text_head_learns_a_real_signal_and_is_weighted_in() -> None:
     assert p.expert_weights()[EXPERTS.index("head"), 0] > 0.9
 
 
+def test_experts_left_out_get_no_weight() -> None:
+    """`RouterConfig.experts` (ablations): with the head and the neighbours out a real text
+    signal is not used and the prediction is the running rate; an unknown expert is a typed
+    error."""
+    rng = np.random.default_rng(1)
+    texts = [(f"{'integrate the equation' if h else 'say hello'} {i}", h)
+             for i, h in enumerate(rng.random(600) < 0.5)]
+    router = Router(["m"], RouterConfig(experts=("rate", "chain")))
+    p = router.predictor
+    for text, hard in texts:
+        p.update(p.featurize(text), 0, float(not hard))
+    off = [EXPERTS.index("head"), EXPERTS.index("neighbours")]
+    assert (p.expert_weights()[off, 0] == 0.0).all()
+    assert abs(p.predict(p.featurize("say hello 9999"))[0] - p.rates[0]) < 1e-9
+    with pytest.raises(ValueError, match="experts"):
+        RouterConfig(experts=("rate", "oracle"))
+    with pytest.raises(ValueError, match="experts"):
+        Predictor(1, experts=())
+
+
 def test_noise_in_the_text_keeps_the_head_out() -> None:
     p = Predictor(1, dim_bits=12, calibration=True, learning_rate=0.2)
     rng = np.random.default_rng(2)

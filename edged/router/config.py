@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from edged.router.predictor import EXPERTS
+
 ExploreRuns = Literal["all", "lean"]
 ExploreServes = Literal["dearest", "choice"]
 
@@ -72,6 +74,9 @@ class RouterConfig:
     label_need: with > 0, an exploring run of the top model is added with probability
         `min(1, label_need / sqrt(1 + n))`, n the served model's labels: when exploration is
         the only source of labels (agreement), their rate follows how few there are.
+    experts: which of the predictor's experts the mixture weighs (`predictor.EXPERTS`: rate,
+        head, chain, neighbours); the others get weight 0 (ablations; "rate" alone is a
+        per-model running rate).
     energy_budget_j: optional mean joules per request, enforced by a second virtual queue.
     latency_sigma: a deadline skips models whose mean + sigma * std latency exceeds it.
     """
@@ -109,6 +114,7 @@ class RouterConfig:
     unlabelled_z: float = 3.0
     top_prior: float | None = None
     label_need: float = 0.0
+    experts: tuple[str, ...] = ("rate", "head", "chain", "neighbours")
     energy_budget_j: float | None = None
     latency_sigma: float = 1.0
 
@@ -161,6 +167,9 @@ class RouterConfig:
             raise bad("unlabelled_z", "must be >= 0")
         if not self.label_need >= 0.0:
             raise bad("label_need", "must be >= 0")
+        object.__setattr__(self, "experts", tuple(self.experts))  # a TOML list, a JSON list
+        if not self.experts or not set(self.experts) <= set(EXPERTS):
+            raise bad("experts", f"must be a non-empty subset of {list(EXPERTS)}")
         if self.energy_budget_j is not None and not self.energy_budget_j > 0.0:
             raise bad("energy_budget_j", "must be > 0 or None")
         if self.ladder_ucb < 0.0:

@@ -195,7 +195,13 @@ class Predictor:
         prior_step: float = 0.0,
         prior_floor: bool = False,
         top_prior: float | None = None,
+        experts: tuple[str, ...] = EXPERTS,
     ) -> None:
+        unknown = set(experts) - set(EXPERTS)
+        if unknown or not experts:
+            raise ValueError(f"experts must be a non-empty subset of {EXPERTS}, got {experts}")
+        #: experts left out of the mixture (weight 0): an ablation, or a user's choice
+        self._off = np.array([[e not in experts] for e in EXPERTS])
         self.prior_floor = prior_floor
         self.top_prior = top_prior
         self.n_models = n_models
@@ -286,8 +292,9 @@ class Predictor:
 
     def expert_weights(self) -> np.ndarray:
         """Posterior weight of each expert (rows: EXPERTS) per model, from its decayed
-        prequential log-loss: `softmax(-loss)` over the experts."""
-        z = -(self.loss - self.loss.min(axis=0))
+        prequential log-loss: `softmax(-loss)` over the experts that are on."""
+        loss = np.where(self._off, np.inf, self.loss)
+        z = -(loss - loss.min(axis=0))
         w = np.exp(z)
         return w / w.sum(axis=0)
 

@@ -86,7 +86,7 @@ class Router:
             learning_rate=cfg.learning_rate,
             shared=cfg.shared_head, calibration=cfg.calibration,
             prior_strength=cfg.prior_strength, prior_step=cfg.prior_step,
-            prior_floor=cfg.prior_floor, top_prior=cfg.top_prior,
+            prior_floor=cfg.prior_floor, top_prior=cfg.top_prior, experts=cfg.experts,
         )
         self.energy = RunningStats(len(names))
         self.energy_head = EnergyHead(
