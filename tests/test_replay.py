@@ -86,6 +86,9 @@ def test_run_benchmark_synthetic_shape() -> None:
     # exploration energy is counted: messplus runs every model when exploring
     assert s["policies"]["messplus"]["call_ratio"][2] >= s["policies"]["messplus"]["explore_ratio"]
     assert 0.0 <= s["calibration"]["edged"]["brier"] <= 1.0
+    per_model = s["calibration"]["edged"]["models"]
+    assert set(per_model) <= set(s["models"]) and per_model
+    assert all(0.0 <= v["auc"] <= 1.0 or np.isnan(v["auc"]) for v in per_model.values())
 
 
 def write_csv(trace: Trace, path: Path, name: str | None = None) -> Path:
@@ -267,3 +270,12 @@ def test_task_mix_equals_static_mix_on_each_real_benchmark(messplus_dir: Path) -
             assert task == {trace.benchmark: plan}, (path.name, alpha)
             assert (baselines.task_mix(trace, task).energy_j
                     == baselines.static_mix(trace, plan).energy_j).all()
+
+
+def test_auc_counts_ties_half_and_needs_both_classes() -> None:
+    from edged.replay.runner import auc
+
+    assert auc(np.array([0.1, 0.9]), np.array([0.0, 1.0])) == 1.0
+    assert auc(np.array([0.5, 0.5]), np.array([0.0, 1.0])) == 0.5
+    assert auc(np.array([0.2, 0.6, 0.8]), np.array([1.0, 0.0, 1.0])) == 0.5
+    assert np.isnan(auc(np.array([0.2, 0.3]), np.array([1.0, 1.0])))

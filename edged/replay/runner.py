@@ -44,18 +44,38 @@ class BenchmarkResult:
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def calibration(pred: np.ndarray, bins: int = 10) -> dict[str, float]:
-    """Brier score and expected calibration error of (probability, label) pairs."""
-    if pred.size == 0:
-        return {"brier": float("nan"), "ece": float("nan"), "n": 0}
-    p, y = pred[:, 0], pred[:, 1]
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); nan with one class only."""
+    pos = y >= 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average rank of ties, from 1
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _scores(p: np.ndarray, y: np.ndarray, bins: int) -> dict[str, float]:
     which = np.minimum((p * bins).astype(int), bins - 1)
     ece = 0.0
     for b in range(bins):
         sel = which == b
         if sel.any():
             ece += sel.mean() * abs(p[sel].mean() - y[sel].mean())
-    return {"brier": float(((p - y) ** 2).mean()), "ece": float(ece), "n": int(p.size)}
+    return {"brier": float(((p - y) ** 2).mean()), "ece": float(ece), "auc": auc(p, y),
+            "n": int(p.size)}
+
+
+def calibration(pred: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Brier score, expected calibration error and AUC of (probability, label, model) rows,
+    over all of them and per model index (`models`: {index: scores})."""
+    if pred.size == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "auc": float("nan"), "n": 0,
+                "models": {}}
+    p, y, m = pred[:, 0], pred[:, 1], pred[:, 2].astype(int)
+    out: dict[str, Any] = _scores(p, y, bins)
+    out["models"] = {int(k): _scores(p[m == k], y[m == k], bins) for k in np.unique(m)}
+    return out
 
 
 def run_benchmark(
@@ -149,6 +169,7 @@ def _summary(
         }
         if runs[0].predictions is not None:
             cal[name] = calibration(np.concatenate([o.predictions for o in runs]))
+            cal[name]["models"] = {trace.models[k]: v for k, v in cal[name]["models"].items()}
         policies[name]["sla_met"] = sla_met(policies[name], alpha)
 
     def ratio(base: str) -> dict[str, float]:

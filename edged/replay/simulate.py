@@ -22,7 +22,7 @@ class Outcome:
     energy_j: np.ndarray  # (N,) joules of everything run for the request
     ran: np.ndarray  # (N, M) fraction of each model run per request
     explored: np.ndarray  # (N,) bool
-    predictions: np.ndarray | None = None  # (K, 2) predicted probability, label (calibration)
+    predictions: np.ndarray | None = None  # (K, 3) predicted probability, label, model index
 
 
 #: Answer options per benchmark of the MESS+ traces: two wrong answers of a multiple-choice
@@ -77,7 +77,7 @@ def run_router(
     energy = np.empty(n)
     ran = np.zeros((n, m))
     explored = np.zeros(n, dtype=bool)
-    preds: list[tuple[float, float]] = []
+    preds: list[tuple[float, float, int]] = []
     names = trace.models
     kinds = trace.kind_of_rows()
     coin = np.random.default_rng(config.seed + 7919)
@@ -99,7 +99,7 @@ def run_router(
         if labels.source == "reference":
             if real:
                 for j in idx:
-                    preds.append((decision.predicted_satisfaction[names[j]], truth[j]))
+                    preds.append((decision.predicted_satisfaction[names[j]], truth[j], j))
                 router.observe_labels(decision, {names[j]: truth[j] for j in idx})
             continue
         pseudo: dict[str, float] = {}
@@ -119,9 +119,9 @@ def run_router(
                 router.observe_labels(decision, pseudo, weight=1.0 / decision.top_chance)
         if labels.sparsity > 0.0 and real:
             name = names[served]
-            preds.append((decision.predicted_satisfaction[name], truth[served]))
+            preds.append((decision.predicted_satisfaction[name], truth[served], served))
             old = pseudo.get(name)
             router.observe_labels(decision, {name: truth[served]},
                                   replaces=None if old is None else {name: old},
                                   weight=1.0 if old is None else 1.0 / decision.top_chance)
-    return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 2))
+    return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 3))
