@@ -310,10 +310,17 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
 
 
 def token_logprob(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token] of one row, in float64."""
-    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    """log softmax(logits)[token] of one row.
+
+    The exponentials are taken in float32 (SIMD; a float64 exp over a 49k-152k vocabulary cost
+    ~0.4 ms a token, 5 % of a SmolLM2-135M int4 decode step) and summed in float64; the result
+    is within ~1e-7 of the all-float64 value, far below the float32 logits' own rounding."""
+    row = np.asarray(logits).reshape(-1)
+    if row.dtype != np.float32:
+        row = row.astype(np.float32)
     top = row.max()
-    return float(row[token] - top - np.log(np.exp(row - top).sum()))
+    total = np.exp(row - top).sum(dtype=np.float64)  # >= 1: the top term is exp(0)
+    return float(np.float64(row[token]) - np.float64(top) - np.log(total))
 
 
 def teacher_forced_agreement(model: Runnable, prompt_ids: list[int],
