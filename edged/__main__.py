@@ -1,5 +1,5 @@
 """`python -m edged` is the same as the `edged` console script."""
 
-from edged.cli import main
+from edged.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -25,6 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> int:
+    """The console script and `python -m edged`: `main`, after re-executing with huge pages
+    for the weights where that helps (`edged.hugepages`; EDGED_HUGE_PAGES=0 opts out)."""
+    from edged.hugepages import reexec_if_useful
+
+    reexec_if_useful(sys.argv[1:])
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from typing import Any
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edged.hugepages import TUNABLE, thp_mode
 from edged.zoo.chat import ChatTemplate, Message, plain_prompt, validate_messages
 from edged.zoo.errors import InvalidRequestError, ModelLoadError, ProviderError
 from edged.zoo.generate import generate as _generate
@@ -148,27 +149,26 @@ def runtime_conflict() -> str | None:
 
 
 _warned_conflict = False
-THP_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_TUNABLE = TUNABLE
 _told_thp = False
 
 
 def huge_pages_hint() -> str | None:
     """How to put the weights in transparent huge pages, when this process does not and could:
-    glibc's malloc does it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (read at process start,
-    so the daemon's environment must set it). CPU decode streams every weight once per token;
-    with 4 KiB pages the TLB misses cost SmolLM2 int4 ~20 % (7.2 vs 8.8 ms a step here)."""
+    glibc's malloc does it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (read at process start).
+    `edged serve` / `edged generate` re-execute themselves with it (`edged.hugepages`), so this
+    is for processes that load models in-process or opted out. CPU decode streams every weight
+    once per token; with 4 KiB pages the TLB misses cost SmolLM2 int4 a tenth to a fifth of its
+    decode speed here (docs/zoo.md, "Speed")."""
     import os
 
     if "hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
         return None
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
+    if thp_mode() not in ("always", "madvise"):
         return None
-    if "[madvise]" not in mode and "[always]" not in mode:
-        return None
-    return (f"set GLIBC_TUNABLES={THP_TUNABLE} in edged's environment to back the weights "
-            "with transparent huge pages (faster CPU decode)")
+    return (f"set GLIBC_TUNABLES={THP_TUNABLE} in this process's environment to back the "
+            "weights with transparent huge pages (faster CPU decode; edged serve/generate do "
+            "it themselves unless EDGED_HUGE_PAGES=0)")
 
 
 def create_session(path: Path, cfg: SessionConfig, model: str) -> ort.InferenceSession:

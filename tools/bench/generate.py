@@ -7,7 +7,9 @@ Reports TTFT, decode tokens/s (tokens after the first / time after the first), p
 size on disk, and greedy agreement with a reference id list (the golden file's, else the first
 entry's): the share of the first N positions with the same id, and how many leading ids are
 identical. Engines whose package is not installed are skipped with a note. Prints one table,
-writes JSON, and a PNG of decode tokens/s and TTFT with --plot.
+then edged's ratio to each other engine's entry of the same label (and llama.cpp's of the same
+bit width) round by round: median, min and max of the per-round ratios. Writes JSON, and a PNG
+of decode tokens/s and TTFT with --plot.
 
     python tools/bench/generate.py --golden tools/bench/smollm2_golden.json --threads 1 \\
         --edged int4=zoo/smollm2-int4 --genai int4=zoo/smollm2-int4 \\
@@ -380,18 +382,71 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference or (rows[0]["ids"] if rows else [])
     for row in rows:
         row["agreement"], row["same_prefix"] = agreement(row["ids"], ref)
+    ratios = paired_ratios(entries, per)
     print_table(rows, reference is not None, notes)
+    print_ratios(ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens,
         "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
         "glibc_tunables": THP if args.thp else None,
         "reference": "golden greedy_ids" if reference else "first row's ids",
-        "notes": notes, "results": rows}, indent=2))
+        "notes": notes, "results": rows, "ratios": ratios}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     if args.plot and rows:
         plot(rows, args.plot)
     return 0
+
+
+def _digits(label: str) -> str:
+    return "".join(c for c in label if c.isdigit())[:1]
+
+
+def paired_ratios(entries: list[dict], per: dict[int, list[dict]]) -> list[dict]:
+    """edged against every other engine's entry of the same label (and llama.cpp's entries of
+    the same bit width: int4 vs q4_1), round by round: each round's medians divided, so a slow
+    stretch of a shared machine hits both sides of a ratio. Median, min and max over rounds."""
+    def round_median(raw: dict, key: str) -> float:
+        return statistics.median(r.get(key, 0.0) for r in raw["runs"])
+
+    out = []
+    for i, e in enumerate(entries):
+        if e["engine"] != "edged" or e.get("failed"):
+            continue
+        for j, o in enumerate(entries):
+            if o["engine"] == "edged" or o.get("failed"):
+                continue
+            same = o["label"] == e["label"] or (o["engine"] == "llamacpp"
+                                                and _digits(o["label"]) == _digits(e["label"]))
+            if not same:
+                continue
+            rounds = list(zip(per[i], per[j], strict=False))
+            if not rounds:
+                continue
+            row = {"edged": e["label"], "other": f"{o['engine']} {o['label']}",
+                   "rounds": len(rounds)}
+            for key in ("tokens_per_s", "cpu_tokens_per_s", "ttft_ms"):
+                vals = [round_median(a, key) / round_median(b, key) for a, b in rounds
+                        if round_median(b, key) > 0]
+                if vals:
+                    row[key] = {"median": statistics.median(vals), "min": min(vals),
+                                "max": max(vals), "per_round": vals}
+            row["peak_rss"] = (max(a["peak_rss_mb"] for a, _ in rounds)
+                               / max(b["peak_rss_mb"] for _, b in rounds))
+            out.append(row)
+    return out
+
+
+def print_ratios(ratios: list[dict]) -> None:
+    if not ratios:
+        return
+    print("edged / other, per round (rounds paired; median [min, max]):")
+    for r in ratios:
+        parts = [f"{name} {r[key]['median']:.3f} [{r[key]['min']:.3f}, {r[key]['max']:.3f}]"
+                 for key, name in (("tokens_per_s", "decode"), ("cpu_tokens_per_s", "tok/CPU-s"),
+                                   ("ttft_ms", "TTFT")) if key in r]
+        print(f"  edged {r['edged']:<6} / {r['other']:<16} " + ", ".join(parts)
+              + f", peak RSS {r['peak_rss']:.2f}")
 
 
 def print_table(rows: list[dict], golden: bool, notes: list[str]) -> None:
