@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,22 @@ def _cal(c: dict, model: str | None = None) -> str:
     return f"{c['brier']:.3f} / {c['ece']:.3f} / {c['auc']:.2f}"
 
 
+def _calibration_rows(
+    summaries: list[dict], key: str, label: Callable[[dict], str]
+) -> list[str]:
+    """Brier / ECE / AUC per model of messplus, edged and the running rate, a row each."""
+    models = summaries[0]["models"]
+    rows = [f"| {key} | policy | " + " | ".join(models) + " | all |",
+            "|---|---|" + "---|" * (len(models) + 1)]
+    for s in summaries:
+        for name in ["messplus", "edged", "edged rate only"]:
+            c = s["calibration"][name]
+            rows.append(f"| {label(s)} | {name} | "
+                        + " | ".join(_cal(c, model) for model in s["models"])
+                        + f" | {_cal(c)} |")
+    return rows
+
+
 def render(summaries: list[dict], held: list[list[dict]], mixed: list[dict], seeds: int,
            seconds: float) -> str:
     out = [
@@ -196,15 +213,8 @@ def render(summaries: list[dict], held: list[list[dict]], mixed: list[dict], see
                              f"{m['task_mix_ratio'][name]:.2f}")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out += ["", "Predictor calibration on the mixed stream, every label the router saw, "
-                "prequential (Brier / ECE / AUC per model):", "",
-                "| alpha | policy | " + " | ".join(mixed[0]["models"]) + " | all |",
-                "|---|---|" + "---|" * (len(mixed[0]["models"]) + 1)]
-        for m in mixed:
-            for name in ["messplus", "edged", "edged rate only"]:
-                c = m["calibration"][name]
-                out.append(f"| {m['alpha']:.2f} | {name} | "
-                           + " | ".join(_cal(c, model) for model in m["models"])
-                           + f" | {_cal(c)} |")
+                "prequential (Brier / ECE / AUC per model):", ""]
+        out += _calibration_rows(mixed, "alpha", lambda m: f"{m['alpha']:.2f}")
         out.append("")
     out += ["## Per benchmark", ""]
     for s in summaries:
@@ -256,15 +266,8 @@ def render(summaries: list[dict], held: list[list[dict]], mixed: list[dict], see
         "Brier / ECE / AUC per model. Within one benchmark an AUC near 0.5 means the text says "
         "nothing about which requests a model gets right.",
         "",
-        "| benchmark | policy | " + " | ".join(summaries[0]["models"]) + " | all |",
-        "|---|---|" + "---|" * (len(summaries[0]["models"]) + 1),
     ]
-    for s in summaries:
-        for name in ["messplus", "edged", "edged rate only"]:
-            c = s["calibration"][name]
-            out.append(f"| {s['benchmark']} | {name} | "
-                       + " | ".join(_cal(c, model) for model in s["models"])
-                       + f" | {_cal(c)} |")
+    out += _calibration_rows(summaries, "benchmark", lambda s: s["benchmark"])
     out.append("")
     return "\n".join(out)
 
