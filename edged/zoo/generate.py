@@ -269,7 +269,8 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
             finish = "cancelled"
         while logits is not None:
             token = sampler(logits)
-            logprobs.append(token_logprob(logits, token))
+            if params.logprobs:
+                logprobs.append(token_logprob(logits, token))
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(token)
