@@ -79,7 +79,7 @@ def _decoder_kind(spec: dict | None) -> str | None:
 
 class ByteTable:
     """Per id, the bytes its token adds to a decode (b'' for skipped special tokens), packed in
-    one buffer (~0.5 MB for 49k ids rather than ~2.3 MB of bytes objects); `bad` holds the ids
+    one buffer (~0.7 MB for 49k ids rather than ~2.3 MB of bytes objects); `bad` holds the ids
     the table cannot express."""
 
     def __init__(self, entries: list[bytes | None]) -> None:
