@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,10 @@ def test_chat_messages_reach_the_same_answer(zoo: Zoo) -> None:
 def test_token_logprobs_say_how_sure_the_model_was(zoo: Zoo) -> None:
     """The large model is sure of a sum it gets right; the small one is not sure of a 3-digit
     sum it gets wrong (what a confidence cascade reads)."""
-    right = zoo.get("large").generate("123+456=")
-    wrong = zoo.get("small").generate("123+456=")
+    large, small = zoo.get("large"), zoo.get("small")
+    right = large.generate("123+456=", params=replace(large.defaults, logprobs=True))
+    wrong = small.generate("123+456=", params=replace(small.defaults, logprobs=True))
+    assert not zoo.get("large").generate("123+456=").token_logprobs  # only when asked
     assert right.text.startswith("579") and not wrong.text.startswith("579")
     for result in (right, wrong):
         assert len(result.token_logprobs) == result.completion_tokens

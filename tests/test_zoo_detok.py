@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from edged.zoo.detok import Detokenizer, StopFilter
+from edged.zoo.detok import ByteTable, Detokenizer, StopFilter, byte_table
 
 TEXTS = ["Café naïve déjà vu", "日本語のテキスト", "emoji 🙂🚀 mixed", "plain ascii, words."]
 
@@ -128,3 +131,92 @@ def test_stop_filter_cuts_at_first_completed_stop(text: str, cuts: list[int],
             expected = text[: min(hits)]
             break
     assert emitted == expected
+
+
+# -- the byte-table fast path -------------------------------------------------------------------
+
+
+def _smollm2_chain_tokenizer() -> Tokenizer:
+    """Byte-level BPE with the decoder chain SmolLM2's tokenizer.json has, plus a non-special
+    added token outside the byte-level alphabet (the fast path must fall back around it)."""
+    tok = _byte_level_tokenizer()
+    spec = json.loads(tok.to_str())
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_tokens(["日本", "\u2581x"])
+    tok.add_special_tokens(["<|end|>"])
+    return tok
+
+
+def _file_tokenizer(path: Path) -> Callable[[], Tokenizer]:
+    return lambda: Tokenizer.from_file(str(path))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = {**TOKENIZERS, "smollm2_chain": _smollm2_chain_tokenizer}
+for _size in ("small", "medium", "large"):
+    if (ROOT / "models/demo" / _size / "tokenizer.json").is_file():
+        ALL[f"demo_{_size}"] = _file_tokenizer(ROOT / "models/demo" / _size / "tokenizer.json")
+# real tokenizers when present (SmolLM2's is not in the repo: EDGED_DETOK_TOKENIZERS=a.json:b.json)
+for _path in filter(None, os.environ.get("EDGED_DETOK_TOKENIZERS", "").split(":")):
+    ALL[Path(_path).parent.name] = _file_tokenizer(Path(_path))
+_LOADED: dict[str, tuple[Tokenizer, ByteTable | None]] = {}
+
+
+def _load(kind: str) -> tuple[Tokenizer, ByteTable | None]:
+    if kind not in _LOADED:
+        tok = ALL[kind]()
+        _LOADED[kind] = (tok, byte_table(tok))
+    return _LOADED[kind]
+
+
+def test_table_is_built_only_for_decoders_it_covers() -> None:
+    assert byte_table(_byte_fallback_tokenizer()) is None  # Metaspace-style: Strip, ByteFallback
+    for kind in ("byte_level", "smollm2_chain"):
+        assert byte_table(ALL[kind]()) is not None
+    tok = _smollm2_chain_tokenizer()
+    table = byte_table(tok)
+    assert table is not None
+    assert table.get(tok.token_to_id("日本")) is None  # not byte-level: falls back
+    assert table.get(tok.token_to_id("<|end|>")) == b""  # special: skipped
+
+
+def _run(tok: Tokenizer, table: ByteTable | None, prompt: list[int], ids: list[int],
+         stops: tuple[str, ...]) -> tuple[list[str], str, str]:
+    detok, stop = Detokenizer(tok, prompt, table), StopFilter(stops)
+    deltas = [detok.push(i) for i in ids]
+    tail = detok.flush()
+    filtered = "".join(stop.feed(d) for d in [*deltas, tail])
+    if not stop.stopped:
+        filtered += stop.flush()
+    return deltas, tail, filtered
+
+
+@pytest.mark.parametrize("kind", sorted(ALL))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_fast_path_equals_window_decode(kind: str, data: st.DataObject) -> None:
+    tok, table = _load(kind)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    ids_st = st.lists(st.integers(min_value=0, max_value=n - 1), max_size=30)
+    if data.draw(st.booleans(), label="natural"):  # ids of real text, multi-byte characters split
+        text = data.draw(st.text(alphabet="aé 日🙂\nxt", max_size=20), label="text")
+        ids = tok.encode(text, add_special_tokens=False).ids
+        prompt = tok.encode("Say:", add_special_tokens=False).ids
+    else:
+        ids, prompt = data.draw(ids_st, label="ids"), data.draw(ids_st, label="prompt")
+    stops = tuple(data.draw(st.lists(st.text(alphabet="aé 日\ufffd", min_size=1, max_size=3),
+                                     max_size=2), label="stops"))
+    fast = _run(tok, table, prompt, ids, stops)
+    assert fast == _run(tok, None, prompt, ids, stops)  # delta by delta, tail, stop cuts
+    deltas, tail, _ = fast
+    assert not any(d.endswith("\ufffd") for d in deltas)  # never half a character
+    if table is not None and all(table.get(i) for i in prompt + ids):
+        # table-only sequences: the deltas are exactly the full decode minus the prompt's
+        full = tok.decode(prompt + ids, skip_special_tokens=True)
+        head = tok.decode(prompt, skip_special_tokens=True)
+        if not head.endswith("\ufffd"):
+            assert "".join(deltas) + tail == full[len(head):]

@@ -23,6 +23,7 @@ the cheap model's own answer this way; the MESS+ traces hold no confidences, hen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,10 +53,12 @@ def measure(zoo: Zoo, rows: list[dict[str, str]], energy: str) -> dict[str, np.n
     try:
         for j, name in enumerate(zoo.names):
             model = zoo.get(name)
-            model.generate(rows[0]["prompt"])  # first run allocates: keep it out of the tally
+            params = dataclasses.replace(model.defaults, logprobs=True)  # the confidence
+            # first run allocates: keep it out of the tally
+            model.generate(rows[0]["prompt"], params=params)
             for i, row in enumerate(rows):
                 with meter.window() as window:
-                    result = model.generate(row["prompt"])
+                    result = model.generate(row["prompt"], params=params)
                 out["correct"][i, j] = float(check(result.text, row["answer"]))
                 out["confidence"][i, j] = result.min_token_prob
                 out["joules"][i, j] = window.record.joules

@@ -1,6 +1,7 @@
 """The prefill + KV-cache decode loop.
 
-Per token the loop does one `session.run`, one sampler call and one small detokeniser decode;
+Per token the loop does one `session.run`, one sampler call and one detokeniser step (a byte
+table lookup, or a small window decode for tokenizers the table does not cover);
 everything else (attention mask, position ids, the feeds dict, output names) is built once per
 request and only sliced or updated in place. Long prompts are prefilled in chunks through the
 cache, so the logits buffer stays (chunk x vocab) however long the prompt is. Three runners:
@@ -245,7 +246,8 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
     runner = make_runner(model, session, total)
     sampler = Sampler(params, model.spec.vocab_size, model.tokenizer_vocab)
     sampler.observe(prompt_ids)
-    detok, stops = Detokenizer(model.tokenizer, prompt_ids), StopFilter(params.stop)
+    detok = Detokenizer(model.tokenizer, prompt_ids, getattr(model, "detok_table", None))
+    stops = StopFilter(params.stop)
     eos = model.eos_token_ids
     parts: list[str] = []
 
@@ -267,7 +269,8 @@ def generate(model: Runnable, prompt_ids: list[int], params: GenerationParams, *
             finish = "cancelled"
         while logits is not None:
             token = sampler(logits)
-            logprobs.append(token_logprob(logits, token))
+            if params.logprobs:
+                logprobs.append(token_logprob(logits, token))
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(token)

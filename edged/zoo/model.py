@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from edged.hugepages import TUNABLE, thp_mode
 from edged.zoo.chat import ChatTemplate, Message, plain_prompt, validate_messages
+from edged.zoo.detok import byte_table
 from edged.zoo.errors import InvalidRequestError, ModelLoadError, ProviderError
 from edged.zoo.generate import generate as _generate
 from edged.zoo.graph import (  # noqa: F401  (re-exported: edged.zoo.model's old names)
@@ -279,6 +280,8 @@ class LoadedModel:
         self.defaults = _generation_defaults(defaults, gen_config, self.context, self.name)
         self.tokenizer_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self._check_vocab()
+        #: per-id bytes for the detokeniser's fast path (None: it decodes id windows instead)
+        self.detok_table = byte_table(self.tokenizer)
         self.bos_token_id, self.eos_token_ids = self._special_ids(gen_config, tok_config)
         self.chat_template = self._chat_template(tok_config)
 

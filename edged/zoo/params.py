@@ -13,7 +13,14 @@ FinishReason = Literal["eos", "length", "stop", "cancelled"]
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """How to generate. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable."""
+    """How to generate. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable.
+
+    `logprobs` asks for `GenerationResult.token_logprobs` (and so `min_token_prob`): a float32
+    log-softmax over the whole vocabulary per token (~70 us a token on SmolLM2's 49k vocab as a
+    decode step leaves the caches, ~1 % of an int4 step). Off by default because nothing on the
+    daemon's path reads it (the router, the protocol and the HTTP API carry no log-probabilities;
+    OpenAI `logprobs` is refused); a confidence cascade (`tools/cascade_demo.py`) turns it on.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -22,6 +29,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequestError:
@@ -43,6 +51,8 @@ class GenerationParams:
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "must be a sequence of non-empty strings")
         object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", "must be true or false")
 
     @property
     def greedy(self) -> bool:
@@ -73,12 +83,14 @@ class GenerationResult:
     model: str = ""
     prompt_ids: list[int] = field(default_factory=list, repr=False)
     #: log-probability the model gave each generated token (its own confidence, before
-    #: sampling settings): a cascade can serve a cheap model's answer when it is sure of it
+    #: sampling settings): a cascade can serve a cheap model's answer when it is sure of it.
+    #: Filled only when `GenerationParams.logprobs` is set; empty otherwise
     token_logprobs: list[float] = field(default_factory=list, repr=False)
 
     @property
     def min_token_prob(self) -> float:
-        """The probability of the least certain generated token (1.0 when none)."""
+        """The probability of the least certain generated token (1.0 when none, or when the
+        generation did not ask for `logprobs`)."""
         return math.exp(min(self.token_logprobs)) if self.token_logprobs else 1.0
 
     def to_dict(self) -> dict[str, object]:

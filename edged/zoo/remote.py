@@ -21,7 +21,6 @@ library's `http.client` (no new runtime dependency; the SSE stream is read line 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import math
 import os
@@ -32,11 +31,14 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged.zoo.chat import Message, validate_messages
 from edged.zoo.errors import InvalidRequestError, ManifestError, ModelLoadError, ZooError
 from edged.zoo.params import GenerationParams, GenerationResult
+
+if TYPE_CHECKING:
+    import http.client
 
 KINDS = ("edged", "openai")
 POLL_S = 0.05               # how often a waiting call looks at its cancel event and budget
@@ -611,6 +613,8 @@ class RemoteModel:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        import http.client  # here: a zoo without an OpenAI-compatible remote never loads it
+
         conn_cls = (http.client.HTTPSConnection if url.scheme == "https"
                     else http.client.HTTPConnection)
         connect = max(0.001, min(spec.connect_timeout_s, end - time.monotonic()))
