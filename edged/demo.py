@@ -92,6 +92,8 @@ class PolicyResult:
     served: list[str] = field(default_factory=list)
     #: joules spent after the replies (exploration and judge runs), for the stream as a whole
     after_reply_joules: float = 0.0
+    #: models explored per request (run after the reply, not served): the routed policy only
+    explored: list[list[str]] = field(default_factory=list)
 
     def summary(self, names: list[str]) -> dict[str, Any]:
         n = len(self.labels)
@@ -117,12 +119,20 @@ class DemoResult:
     elapsed_s: float
     #: seconds per phase: "daemon_start", "routed", "baseline" (each prompt on every model)
     phases_s: dict[str, float] = field(default_factory=dict)
+    #: edged's joules on the baseline pass's measurements: every model it ran for a request
+    #: (served and explored) at what that prompt cost that model there. The baselines are
+    #: scored on those, the routed pass is measured at another time, and on a shared machine
+    #: the two phases' joules per run differed by up to 1.8x: this compares like with like.
+    paired_j: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
+        policies = {p: self.policies[p].summary(self.names) for p in POLICIES}
+        if self.paired_j:
+            policies["edged"]["paired_energy_j_per_request"] = self.paired_j / len(self.prompts)
         return {
             "alpha": self.alpha,
             "requests": len(self.prompts),
-            "policies": {p: self.policies[p].summary(self.names) for p in POLICIES},
+            "policies": policies,
             "energy_method": self.energy_method,
             "elapsed_s": round(self.elapsed_s, 3),
             "phases_s": {k: round(v, 3) for k, v in self.phases_s.items()},
@@ -365,7 +375,18 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     return DemoResult(
         alpha=config.alpha, names=names, prompts=[r["prompt"] for r in rows], policies=policies,
         energy_method=method, elapsed_s=time.monotonic() - started, phases_s=phases,
+        paired_j=paired_joules(rows, edged, per_model),
     )
+
+
+def paired_joules(rows: list[dict[str, str]], routed: PolicyResult,
+                  per_model: dict[tuple[str, str], tuple[bool, float]]) -> float:
+    """The routed policy's joules on the baseline pass's measurements: for each request, the
+    served model and every explored one, at what that prompt cost that model there."""
+    return sum(per_model[(row["prompt"], name)][1]
+               for row, served, explored in zip(rows, routed.served, routed.explored,
+                                                strict=True)
+               for name in (served, *explored))
 
 
 def _manifest_checker(manifest: Path) -> str:
@@ -407,6 +428,8 @@ def _routed(client: Client, rows: list[dict[str, str]], names: list[str], alpha:
         result.labels.append(satisfied)
         result.joules.append(joules)
         result.served.append(model)
+        result.explored.append([str(e["model"]) for e in body.get("exploration") or []
+                                if isinstance(e, dict) and "model" in e])
         q = float(body.get("route", {}).get("q", 0.0) or 0.0)
         method = (body.get("energy") or {}).get("method", method)
         sat = sum(result.labels) / i
@@ -461,6 +484,10 @@ def format_table(result: DemoResult) -> str:
             f"{policy:<9} {p['satisfaction']:>12.3f} {sla:>5} {p['energy_j_per_request']:>10.4f} "
             f"{p['energy_j_per_request'] / largest:>10.2f}  {mix}"
         )
+    paired = doc["policies"]["edged"].get("paired_energy_j_per_request")
+    if paired:
+        lines.append(f"edged on the baseline pass's joules (paired with the baselines): "
+                     f"{paired:.4f} J/request, {paired / largest:.2f} x largest")
     return "\n".join(lines)
 
 

@@ -91,6 +91,18 @@ def test_short_demo_end_to_end_over_the_socket(tmp_path: Path) -> None:
         "energy_j_per_request"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "edged" in proc.stdout and "largest" in proc.stdout
+    assert policies["edged"]["paired_energy_j_per_request"] > 0
+    assert "paired with the baselines" in proc.stdout
+
+
+def test_paired_joules_price_every_run_at_the_baseline_pass() -> None:
+    from edged.demo import PolicyResult, paired_joules
+
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "9+9=", "answer": "18"}]
+    per_model = {("1+1=", "s"): (True, 1.0), ("1+1=", "l"): (True, 10.0),
+                 ("9+9=", "s"): (False, 2.0), ("9+9=", "l"): (True, 20.0)}
+    routed = PolicyResult(served=["s", "l"], explored=[["l"], []])
+    assert paired_joules(rows, routed, per_model) == 1.0 + 10.0 + 20.0
 
 
 def test_router_options_are_typed_and_bad_ones_named() -> None:
