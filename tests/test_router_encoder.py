@@ -298,6 +298,37 @@ def test_embed_traces_tool(lookup_dir: Path, tmp_path: Path,
     assert tool.main([str(tmp_path / "nope"), str(trace)]) == 1
 
 
+def test_replay_runs_edged_with_the_encoder_beside_edged(
+        lookup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`edged replay --mix --encoder DIR`: the embeddings follow the requests through the mix
+    and the shuffles, `edged+encoder` runs beside `edged`; a broken directory is exit 2."""
+    from edged.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, hard in (("easy", 0.2), ("hard", 0.8)):
+        rows = ["input_text,label_s,energy_consumption_s,inference_time_s,"
+                "label_l,energy_consumption_l,inference_time_l"]
+        for i in range(60):
+            text = " ".join(rng.choice(WORDS, 4))
+            rows.append(f"{text} {i},{int(rng.random() > hard)},1.0,0.1,1,5.0,0.3")
+        path = tmp_path / f"{name}.csv"
+        path.write_text("\n".join(rows) + "\n")
+        paths.append(str(path))
+    out = tmp_path / "mix.json"
+    args = ["replay", "--mix", *paths, "--alpha", "0.7", "--seeds", "2", "--json", str(out)]
+    assert main([*args, "--encoder", str(lookup_dir)]) == 0
+    policies = json.loads(out.read_text())["policies"]
+    assert {"edged", "edged+encoder", "messplus"} <= set(policies)
+    assert "edged+encoder" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "edged" / "embeddings").glob("*.npy"))) == 2
+    (lookup_dir / "model.onnx").write_bytes(b"not a model")
+    assert main([*args, "--encoder", str(lookup_dir)]) == 2
+    assert "--encoder: " in capsys.readouterr().err
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "edged" / "embeddings"

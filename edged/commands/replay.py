@@ -54,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-sparsity", type=float, default=None, metavar="P",
                    help="real labels on a share P of requests only (the paper's feedback "
                         "sparsity); with --labels agreement, the share of real labels")
+    p.add_argument("--encoder", type=Path, default=None, metavar="DIR",
+                   help="also run `edged+encoder`: edged with this sentence encoder's "
+                   "embeddings as extra features (tools/export_encoder.py makes one; the "
+                   "embeddings are computed once and cached outside the repository)")
     p.add_argument("--c", type=float, default=0.1, help="messplus exploration constant")
     p.add_argument("--V", type=float, default=0.001, help="messplus V per joule")
     p.add_argument("--json", type=Path, default=None,
@@ -105,21 +109,36 @@ def run(args: argparse.Namespace) -> int:
                         "checkout); pass trace CSVs or directories")
     try:
         traces = [load_trace(p) for p in find_traces(paths)]
-        if args.mix:
-            traces = [mix_traces(traces)]
     except TraceError as exc:
         return fail(str(exc))
+    embeddings: list[Any] = [None] * len(traces)
+    if args.encoder is not None:
+        try:
+            embeddings = embed_traces(args.encoder, traces)
+        except ValueError as exc:  # EncoderError: what is wrong with the directory
+            return fail(f"--encoder: {exc}")
+    if args.mix:
+        try:
+            traces = [mix_traces(traces)]
+        except TraceError as exc:
+            return fail(str(exc))
+        if args.encoder is not None:  # mix_traces keeps the files' order
+            import numpy as np
+
+            embeddings = [np.concatenate(embeddings)]
     jobs = []
-    for trace in traces:
+    for trace, emb in zip(traces, embeddings, strict=True):
         if alphas is None and trace.benchmark not in DEFAULT_ALPHA:
             return fail(f"no default alpha for {trace.benchmark}; pass --alpha")
-        jobs += [(trace, a) for a in (alphas or [DEFAULT_ALPHA[trace.benchmark]])]
+        jobs += [(trace, a, emb) for a in (alphas or [DEFAULT_ALPHA[trace.benchmark]])]
     try:
         labels = parse_labels(args.labels, args.feedback_sparsity)
     except ValueError as exc:
         return fail(str(exc))
     edged = EDGED.for_agreement() if labels.source == "agreement" else EDGED
     routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory(edged)}
+    if args.encoder is not None:
+        routers[ENCODED] = edged_factory(edged)
     results = replay_all(jobs, routers, args.seeds, args.first_seed, labels)
     if args.json is not None:
         data = [r.summary for r in results]
@@ -159,7 +178,30 @@ def parse_labels(spec: str, sparsity: float | None) -> Any:
         raise ValueError(f"--labels/--feedback-sparsity: {exc}") from None
 
 
-def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
+#: the policy `--encoder` adds: edged's configuration with the encoder's embeddings
+ENCODED = "edged+encoder"
+
+
+def embed_traces(encoder_dir: Path, traces: Sequence[Any]) -> list[Any]:
+    """Each trace's texts through the sentence encoder at `encoder_dir` (cached by content
+    hash, see `edged.replay.embeddings`), with a status line on stderr; EncoderError (a
+    ValueError naming the file) for a missing or broken encoder directory."""
+    from edged.replay.embeddings import embed_texts
+    from edged.router.encoder import SentenceEncoder
+
+    encoder = SentenceEncoder(encoder_dir)
+    out = []
+    for trace in traces:
+        def progress(done: int, total: int, name: str = trace.benchmark) -> None:
+            print(f"\r\033[Kembedding {name}: {done}/{total}", end="", file=sys.stderr,
+                  flush=True)
+
+        out.append(embed_texts(encoder, trace.texts, progress=progress))
+    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    return out
+
+
+def replay_all(jobs: Sequence[tuple[Any, float, Any]], routers: dict, seeds: int,
                first_seed: int, labels: Any = None) -> list:
     """Run and print each (trace, alpha); a status line on stderr when it is a terminal, since
     one mixed stream with the routers takes minutes."""
@@ -168,7 +210,7 @@ def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
 
     tty = sys.stderr.isatty()
     results = []
-    for n, (trace, alpha) in enumerate(jobs):
+    for n, (trace, alpha, embeddings) in enumerate(jobs):
         why = unreachable(trace, alpha)
         if why is not None:
             sys.stdout.flush()  # keep it after the tables already printed
@@ -178,8 +220,9 @@ def replay_all(jobs: Sequence[tuple[Any, float]], routers: dict, seeds: int,
             def progress(line: str, n: int = n) -> None:
                 print(f"\r\033[K[{n + 1}/{len(jobs)}] {line}", end="", file=sys.stderr,
                       flush=True)
-        results.append(
-            run_benchmark(trace, alpha, seeds, routers, progress, first_seed, labels))
+        results.append(run_benchmark(
+            trace, alpha, seeds, routers, progress, first_seed, labels, embeddings,
+            embedded={ENCODED} if ENCODED in routers else ()))
         if tty:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print_table(results[-1].summary)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -86,11 +86,18 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
     first_seed: int = 0,
     labels: LabelModel | None = None,
+    embeddings: np.ndarray | None = None,
+    embedded: Collection[str] = (),
 ) -> BenchmarkResult:
     """All policies on `seeds` shuffles of `trace` (seeds first_seed, first_seed + 1, ...; a
     later range is a held-out check of settings chosen on the first). `routers` maps policy
     name to config maker (default: `messplus` faithful and `edged`); `labels` says which
-    labels the routers get (default: all; the baselines are hindsight and need none)."""
+    labels the routers get (default: all; the baselines are hindsight and need none).
+    `embeddings` (one row per request of `trace`, e.g. a sentence encoder's) go to the routers
+    named in `embedded`, shuffled with the requests."""
+    if embedded and (embeddings is None or len(embeddings) != len(trace)):
+        raise ValueError(f"routers {sorted(embedded)} need one embedding per request of "
+                         f"{trace.benchmark} ({len(trace)})")
     routers = dict(routers or {"messplus": paper_factory(), "edged": edged_factory()})
     n = len(trace)
     outcomes: dict[str, list[Outcome]] = {}
@@ -102,7 +109,9 @@ def run_benchmark(
         order = np.random.default_rng(seed).permutation(n)
         shuffled = trace.subset(order)
         runs: dict[str, Callable[[], Outcome]] = {
-            name: partial(run_router, shuffled, factory(alpha, seed), labels)
+            name: partial(run_router, shuffled, factory(alpha, seed), labels,
+                          None if name not in embedded or embeddings is None
+                          else embeddings[order])
             for name, factory in routers.items()
         }
         runs["random"] = partial(baselines.random_mix, shuffled, uniform, seed)
