@@ -83,6 +83,8 @@ def parse_alphas(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from edged.replay import DEFAULT_ALPHA, TraceError, find_traces, load_trace, mix_traces
     from edged.replay.runner import EDGED, edged_factory, paper_factory
 
@@ -122,10 +124,8 @@ def run(args: argparse.Namespace) -> int:
             traces = [mix_traces(traces)]
         except TraceError as exc:
             return fail(str(exc))
-        if args.encoder is not None:  # mix_traces keeps the files' order
-            import numpy as np
-
-            embeddings = [np.concatenate(embeddings)]
+        # mix_traces keeps the files' order, so their embeddings stack in it
+        embeddings = [None if args.encoder is None else np.concatenate(embeddings)]
     jobs = []
     for trace, emb in zip(traces, embeddings, strict=True):
         if alphas is None and trace.benchmark not in DEFAULT_ALPHA:
