@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from serve_proc import stop_serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -161,11 +162,7 @@ def explore_latencies(source: Path, label: str, prompts: list[str], energy: str
     finally:
         status("")
         ctx.destroy(linger=0)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc, 120)
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
@@ -286,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         status("")
         ctx.destroy(linger=0)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
     added = []

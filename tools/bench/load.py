@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from typing import Any
 
 import msgpack
 import zmq
-from serve_proc import start_serve
+from serve_proc import start_serve, stop_serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,9 +89,8 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(60)
+            return stop_serve(self.proc)
         finally:
             self.log.close()
 

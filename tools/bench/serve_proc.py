@@ -7,6 +7,7 @@ configs; waiting on the real sd_notify datagram means the benchmark never races 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,3 +35,14 @@ def start_serve(config: Path, work: Path, endpoint: str, *, cwd: Path, log_mode:
     finally:
         notify.close()
     return proc, log
+
+
+def stop_serve(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int:
+    """SIGTERM (the daemon drains and exits), SIGKILL if it is still running after
+    `timeout_s`; the exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
