@@ -28,12 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clients import run_clients
 from serve_proc import stop_serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,37 +52,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-def run_clients(n_clients: int, n_requests: int, call: Callable[[Any], None],
-                setup: Callable[[], Any], teardown: Callable[[Any], None]
-                ) -> tuple[list[float], float]:
-    """`n_requests` calls spread over `n_clients` threads: latencies (ms) and wall time (s)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    per_client = max(1, n_requests // n_clients)
-    barrier = threading.Barrier(n_clients + 1)
-
-    def client() -> None:
-        state = setup()
-        mine = []
-        barrier.wait()
-        for _ in range(per_client):
-            t0 = time.perf_counter()
-            call(state)
-            mine.append((time.perf_counter() - t0) * 1000.0)
-        teardown(state)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(n_clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return latencies, time.perf_counter() - t0
 
 
 def summary(latencies: list[float], wall_s: float) -> dict[str, float]:

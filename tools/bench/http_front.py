@@ -17,31 +17,27 @@ Also reported: the front's RSS after the run and the import time of `edged.http`
 
 from __future__ import annotations
 
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
-
-# this file is named http.py: as a script its directory comes first on sys.path and would
-# shadow the standard library's `http` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from clients import run_clients  # noqa: E402
 
 from edged.client import Client  # noqa: E402
 
@@ -98,35 +94,8 @@ def timed(call: Callable[[], None]) -> float:
 
 def concurrent(make: Callable[[], Any], clients: int, per_client: int) -> dict[str, float]:
     """`clients` threads, each with its own connection, `per_client` requests each."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients + 1)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        conn = make()
-        mine: list[float] = []
-        try:
-            barrier.wait()
-            for _ in range(per_client):
-                mine.append(timed(conn.complete))
-        except BaseException as exc:  # reported after the run
-            errors.append(exc)
-        finally:
-            conn.close()
-            with lock:
-                latencies.extend(mine)
-
-    threads = [threading.Thread(target=run) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
+    latencies, wall = run_clients(clients, clients * per_client, lambda conn: conn.complete(),
+                                  make, lambda conn: conn.close())
     return {**summary(latencies), "requests_per_s": len(latencies) / wall}
 
 
