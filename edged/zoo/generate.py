@@ -64,6 +64,18 @@ def _cancelled(cancel: threading.Event | None, done: int) -> bool:
     return done > 0 and cancel is not None and cancel.is_set()
 
 
+def _prefill_chunks(runner: BoundRunner | SharedRunner, prompt: list[int],
+                    cancel: threading.Event | None) -> np.ndarray | None:
+    """Feed the prompt chunk by chunk through an IOBinding runner's `_run`; the last
+    position's logits, or None when cancelled between chunks."""
+    logits = None
+    for chunk in _chunks(prompt, runner.spec.input_ids_dtype):
+        if _cancelled(cancel, runner.length):
+            return None
+        logits = runner._run(chunk)
+    return logits
+
+
 class _Feeds:
     """Inputs of one request, preallocated for its whole length."""
 
@@ -140,11 +152,7 @@ class BoundRunner:
         self._empty = [np.zeros(s.shape, dtype=s.dtype) for s in self.spec.kv]
         for slot, empty in zip(self.spec.kv, self._empty, strict=True):
             self.binding.bind_cpu_input(slot.past, empty)
-        for chunk in _chunks(prompt, self.spec.input_ids_dtype):
-            if _cancelled(cancel, self.length):
-                return None
-            logits = self._run(chunk)
-        return logits
+        return _prefill_chunks(self, prompt, cancel)
 
     def step(self, token: int) -> np.ndarray:
         ids = self.feeds.ids1
@@ -190,11 +198,7 @@ class SharedRunner:
 
     def prefill(self, prompt: list[int],
                 cancel: threading.Event | None = None) -> np.ndarray | None:
-        for chunk in _chunks(prompt, self.spec.input_ids_dtype):
-            if _cancelled(cancel, self.length):
-                return None
-            logits = self._run(chunk)
-        return logits
+        return _prefill_chunks(self, prompt, cancel)
 
     def step(self, token: int) -> np.ndarray:
         self.ids1[0, 0] = token
