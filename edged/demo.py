@@ -8,9 +8,13 @@ directory (so it never touches a running daemon or its learned state), then:
 2. asks the same daemon for every distinct prompt on every model, with the `model` field (which
    bypasses routing and leaves the router alone), which gives each request's label and joules per
    model: always-largest, always-smallest and random (one seeded uniform pick per request) are
-   read from those outcomes, so all four policies are scored on the same requests and the same
+   read from those outcomes, so every policy is scored on the same requests and the same
    meter. Greedy generation makes a prompt's label per model deterministic, so a prompt that
-   recurs (N above the eval set's size) reuses its first measurement.
+   recurs (N above the eval set's size) reuses its first measurement. Two hindsight baselines
+   come from the same outcomes, solved exactly as `edged replay` does: `static_mix`, the
+   cheapest mix of two models meeting alpha over the stream (what a router that cannot read
+   the request can at best do), and `task_mix`, the cheapest mix per eval-set bucket (the
+   policy that knows each prompt's digit count, and every model's rate on it, in advance).
 
 edged's energy counts every model the daemon ran for a request (exploration included). One
 unrouted request per model warms the daemon up first, so no policy pays for the cold start.
@@ -32,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edged.checkers import Checker, get_checker
 from edged.client import Client, ClientError
 from edged.paths import demo_zoo_dir
@@ -41,7 +47,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-POLICIES = ("edged", "largest", "smallest", "random")
+POLICIES = ("edged", "largest", "smallest", "random", "static_mix", "task_mix")
+#: the baselines solved in hindsight on the baseline pass (`edged.replay.baselines`)
+HINDSIGHT = ("static_mix", "task_mix")
 
 
 class DemoError(RuntimeError):
@@ -124,11 +132,17 @@ class DemoResult:
     #: scored on those, the routed pass is measured at another time, and on a shared machine
     #: the two phases' joules per run differed by up to 1.8x: this compares like with like.
     paired_j: float = 0.0
+    #: each request's eval-set bucket (`bucket_of`), in stream order
+    buckets: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         policies = {p: self.policies[p].summary(self.names) for p in POLICIES}
         if self.paired_j:
             policies["edged"]["paired_energy_j_per_request"] = self.paired_j / len(self.prompts)
+        if self.buckets:
+            for policy in ("edged", "task_mix"):
+                policies[policy]["by_bucket"] = by_bucket(
+                    self.buckets, self.policies[policy], self.names)
         return {
             "alpha": self.alpha,
             "requests": len(self.prompts),
@@ -372,11 +386,58 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
     rng = random.Random(config.seed)
     picks = [rng.choice(names) for _ in rows]
     policies["random"] = _replay(rows, per_model, picks.__getitem__)
+    policies.update(hindsight(rows, names, per_model, config.alpha))
     return DemoResult(
         alpha=config.alpha, names=names, prompts=[r["prompt"] for r in rows], policies=policies,
         energy_method=method, elapsed_s=time.monotonic() - started, phases_s=phases,
-        paired_j=paired_joules(rows, edged, per_model),
+        paired_j=paired_joules(rows, edged, per_model), buckets=[bucket_of(r) for r in rows],
     )
+
+
+def bucket_of(row: dict[str, str]) -> str:
+    """The eval-set row's bucket (its kind of prompt), "all" where the set has none."""
+    return row.get("bucket") or "all"
+
+
+def hindsight(rows: list[dict[str, str]], names: list[str],
+              per_model: dict[tuple[str, str], tuple[bool, float]],
+              alpha: float) -> dict[str, PolicyResult]:
+    """`static_mix` and `task_mix` on the baseline pass's outcomes, in stream order: the
+    replay's exact hindsight plans, with each row's eval-set `bucket` as its kind (rows
+    without one share a single kind, where task_mix is static_mix)."""
+    from edged.replay import Trace, baselines
+
+    trace = Trace(
+        benchmark="demo", models=tuple(names), texts=tuple(r["prompt"] for r in rows),
+        labels=np.array([[per_model[(r["prompt"], n)][0] for n in names] for r in rows], float),
+        energy_j=np.array([[per_model[(r["prompt"], n)][1] for n in names] for r in rows]),
+        latency_s=np.zeros((len(rows), len(names))),
+        kinds=tuple(bucket_of(r) for r in rows),
+    )
+    outcomes = {
+        "static_mix": baselines.static_mix(trace, baselines.static_mix_plan(trace, alpha)),
+        "task_mix": baselines.task_mix(trace, baselines.task_mix_plan(trace, alpha)),
+    }
+    return {policy: PolicyResult(labels=[bool(x) for x in o.satisfaction],
+                                 joules=o.energy_j.tolist(),
+                                 served=[names[i] for i in o.ran.argmax(axis=1)])
+            for policy, o in outcomes.items()}
+
+
+def by_bucket(buckets: list[str], result: PolicyResult,
+              names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per eval-set bucket (one per request, in stream order): requests, satisfaction and each
+    model's share of them: does the policy send each kind of prompt where it is right?"""
+    out: dict[str, dict[str, Any]] = {}
+    for bucket in sorted(set(buckets)):
+        at = [i for i, b in enumerate(buckets) if b == bucket]
+        counts = Counter(result.served[i] for i in at)
+        out[bucket] = {
+            "requests": len(at),
+            "satisfaction": sum(result.labels[i] for i in at) / len(at),
+            "call_ratio": {name: counts[name] / len(at) for name in names},
+        }
+    return out
 
 
 def paired_joules(rows: list[dict[str, str]], routed: PolicyResult,
@@ -473,7 +534,7 @@ def format_table(result: DemoResult) -> str:
     """The comparison table: satisfaction, SLA, energy per request, ratio to always-largest."""
     doc = result.to_json()
     largest = doc["policies"]["largest"]["energy_j_per_request"] or float("nan")
-    head = (f"{'policy':<9} {'satisfaction':>12} {'SLA':>5} {'J/request':>10} "
+    head = (f"{'policy':<10} {'satisfaction':>12} {'SLA':>5} {'J/request':>10} "
             f"{'vs largest':>10}  mix")
     lines = [head, "-" * len(head)]
     for policy in POLICIES:
@@ -481,13 +542,22 @@ def format_table(result: DemoResult) -> str:
         sla = "met" if p["satisfaction"] >= result.alpha else "MISS"
         mix = " ".join(f"{n} {r:.0%}" for n, r in p["call_ratio"].items())
         lines.append(
-            f"{policy:<9} {p['satisfaction']:>12.3f} {sla:>5} {p['energy_j_per_request']:>10.4f} "
+            f"{policy:<10} {p['satisfaction']:>12.3f} {sla:>5} {p['energy_j_per_request']:>10.4f} "
             f"{p['energy_j_per_request'] / largest:>10.2f}  {mix}"
         )
     paired = doc["policies"]["edged"].get("paired_energy_j_per_request")
     if paired:
+        task = doc["policies"]["task_mix"]["energy_j_per_request"] or float("nan")
         lines.append(f"edged on the baseline pass's joules (paired with the baselines): "
-                     f"{paired:.4f} J/request, {paired / largest:.2f} x largest")
+                     f"{paired:.4f} J/request, {paired / largest:.2f} x largest, "
+                     f"{paired / task:.2f} x task_mix")
+    lines.append("static_mix, task_mix: hindsight, the cheapest mix meeting alpha over the "
+                 "stream, and per bucket")
+    for policy in ("edged", "task_mix"):
+        for bucket, b in doc["policies"][policy].get("by_bucket", {}).items():
+            mix = " ".join(f"{n} {r:.0%}" for n, r in b["call_ratio"].items())
+            lines.append(f"  {policy:<8} {bucket:>4}: satisfaction {b['satisfaction']:.2f} "
+                         f"over {b['requests']:>3}  {mix}")
     return "\n".join(lines)
 
 
@@ -501,7 +571,7 @@ def write_plot(result: DemoResult, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = range(1, len(result.prompts) + 1)
     colors = {"edged": "tab:green", "largest": "tab:red", "smallest": "tab:blue",
-              "random": "tab:gray"}
+              "random": "tab:gray", "static_mix": "tab:olive", "task_mix": "tab:purple"}
     for policy in POLICIES:
         labels = result.policies[policy].labels
         running, total = [], 0

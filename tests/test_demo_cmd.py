@@ -77,7 +77,7 @@ def test_short_demo_end_to_end_over_the_socket(tmp_path: Path) -> None:
     assert doc["alpha"] == 0.7 and doc["requests"] == 20
     assert doc["energy_method"]
     policies = doc["policies"]
-    assert set(policies) == {"edged", "largest", "smallest", "random"}
+    assert set(policies) == {"edged", "largest", "smallest", "random", "static_mix", "task_mix"}
     names = ["small", "medium", "large"]
     for policy in policies.values():
         assert 0.0 <= policy["satisfaction"] <= 1.0
@@ -92,7 +92,13 @@ def test_short_demo_end_to_end_over_the_socket(tmp_path: Path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "edged" in proc.stdout and "largest" in proc.stdout
     assert policies["edged"]["paired_energy_j_per_request"] > 0
-    assert "paired with the baselines" in proc.stdout
+    assert "paired with the baselines" in proc.stdout and "x task_mix" in proc.stdout
+    for policy in ("edged", "task_mix"):  # where each kind of prompt went
+        buckets = policies[policy]["by_bucket"]
+        assert set(buckets) <= {"1d", "2d", "3d", "4d"}
+        assert sum(b["requests"] for b in buckets.values()) == 20
+        for b in buckets.values():
+            assert sum(b["call_ratio"].values()) == pytest.approx(1.0)
 
 
 def test_paired_joules_price_every_run_at_the_baseline_pass() -> None:
@@ -103,6 +109,33 @@ def test_paired_joules_price_every_run_at_the_baseline_pass() -> None:
                  ("9+9=", "s"): (False, 2.0), ("9+9=", "l"): (True, 20.0)}
     routed = PolicyResult(served=["s", "l"], explored=[["l"], []])
     assert paired_joules(rows, routed, per_model) == 1.0 + 10.0 + 20.0
+
+
+def test_hindsight_baselines_plan_per_bucket_on_the_baseline_pass() -> None:
+    """static_mix mixes two models over the whole stream; task_mix knows each bucket: the
+    small model where it is right, the large one where only it is."""
+    from edged.demo import PolicyResult, by_bucket, hindsight
+
+    rows = [{"prompt": f"{i}+1=", "answer": "x", "bucket": "easy" if i % 2 else "hard"}
+            for i in range(8)]
+    per_model = {}
+    for row in rows:
+        easy = row["bucket"] == "easy"
+        per_model[(row["prompt"], "s")] = (easy, 1.0)
+        per_model[(row["prompt"], "l")] = (True, 10.0)
+    plans = hindsight(rows, ["s", "l"], per_model, alpha=1.0)
+    task, static = plans["task_mix"], plans["static_mix"]
+    assert task.served == ["l", "s"] * 4 and all(task.labels)
+    assert sum(task.joules) == 4 * 1.0 + 4 * 10.0
+    assert static.served == ["l"] * 8  # only the large model meets alpha 1 on the whole stream
+    buckets = by_bucket([r["bucket"] for r in rows], task, ["s", "l"])
+    assert buckets == {
+        "easy": {"requests": 4, "satisfaction": 1.0, "call_ratio": {"s": 1.0, "l": 0.0}},
+        "hard": {"requests": 4, "satisfaction": 1.0, "call_ratio": {"s": 0.0, "l": 1.0}},
+    }
+    half = hindsight(rows, ["s", "l"], per_model, alpha=0.5)["static_mix"]
+    assert half.served.count("s") == 8 and sum(half.labels) == 4  # small alone meets 0.5
+    assert isinstance(half, PolicyResult)
 
 
 def test_router_options_are_typed_and_bad_ones_named() -> None:
