@@ -42,6 +42,31 @@ def test_load_trace_and_errors(tmp_path: Path) -> None:
         load_trace(missing)
 
 
+def test_fixed_multiplier_replays_forecasts_with_one_hindsight_multiplier() -> None:
+    """Perfect forecasts under one constant multiplier: the small model where it is right, the
+    large one elsewhere, at the smallest multiplier meeting alpha on the true labels."""
+    from edged.replay import Outcome
+
+    n = 40
+    right = np.arange(n) % 2 == 0
+    labels = np.stack([right, np.ones(n, bool)], axis=1).astype(float)
+    energy = np.tile([1.0, 10.0], (n, 1))
+    trace = Trace("two", ("s", "l"), tuple(str(i) for i in range(n)), labels, energy,
+                  energy / 100.0)
+    nothing = np.zeros(n)
+    routed = Outcome(nothing, nothing, np.zeros((n, 2)), nothing.astype(bool),
+                     predicted_satisfaction=labels, predicted_energy_j=energy)
+    best = baselines.fixed_multiplier(trace, routed, alpha=1.0)
+    assert best.satisfaction.mean() == 1.0
+    assert best.ran[:, 0].tolist() == right.astype(float).tolist()
+    assert best.energy_j.mean() == pytest.approx(5.5) and not best.explored.any()
+    cheap = baselines.fixed_multiplier(trace, routed, alpha=0.5)  # met with no multiplier
+    assert cheap.ran[:, 0].all() and cheap.satisfaction.mean() == 0.5
+    with pytest.raises(ValueError, match="forecasts"):
+        baselines.fixed_multiplier(trace, Outcome(nothing, nothing, routed.ran, routed.explored),
+                                   alpha=0.5)
+
+
 def test_oracle_is_the_lp_optimum() -> None:
     trace = synthetic(300)
     out = baselines.oracle(trace, 0.7)
@@ -86,6 +111,9 @@ def test_run_benchmark_synthetic_shape() -> None:
     # exploration energy is counted: messplus runs every model when exploring
     assert s["policies"]["messplus"]["call_ratio"][2] >= s["policies"]["messplus"]["explore_ratio"]
     assert 0.0 <= s["calibration"]["edged"]["brier"] <= 1.0
+    for name in ("messplus", "edged"):  # each router's forecasts under one fixed multiplier
+        assert s["policies"][f"{name}@fixed"]["explore_ratio"] == 0.0
+    assert s["policies"]["edged@fixed"]["min_satisfaction"] >= 0.7
     per_model = s["calibration"]["edged"]["models"]
     assert set(per_model) <= set(s["models"]) and per_model
     assert all(0.0 <= v["auc"] <= 1.0 or np.isnan(v["auc"]) for v in per_model.values())

@@ -165,6 +165,37 @@ def task_mix(trace: Trace, plan: TaskPlan) -> Outcome:
     return _from_choice(trace, choice)
 
 
+def fixed_multiplier(trace: Trace, routed: Outcome, alpha: float) -> Outcome:
+    """A router's own forecasts with one multiplier for the whole stream, chosen in hindsight:
+    each request gets `argmin_m E_m - lam s_m` on the forecasts the router had for it, with
+    the smallest `lam` (bisection) whose choices meet alpha on the true labels (if none does,
+    the forecasts' most satisfying model per request, which then misses). No exploration
+    is run. Against the router itself it separates what its forecasts know from what its
+    controller (queue, margin, ladder, exploration) spends: a perfect constant multiplier."""
+    sat, joules = routed.predicted_satisfaction, routed.predicted_energy_j
+    if sat is None or joules is None:
+        raise ValueError("fixed_multiplier needs a router's outcome with its forecasts")
+    rows = np.arange(len(trace))
+
+    def choose(lam: float) -> np.ndarray:
+        return np.argmin(joules - lam * sat, axis=1)
+
+    def meets(lam: float) -> bool:
+        return bool(trace.labels[rows, choose(lam)].mean() >= alpha)
+
+    low, high = 0.0, 1.0
+    if not meets(low):
+        while not meets(high) and high < 1e15:  # past ~1e15 every choice is the best forecast
+            high *= 4.0
+        for _ in range(100):
+            mid = 0.5 * (low + high)
+            low, high = (low, mid) if meets(mid) else (mid, high)
+            if high - low <= 1e-9 * high:
+                break
+        low = high
+    return _from_choice(trace, choose(low))
+
+
 def oracle(trace: Trace, alpha: float) -> Outcome:
     """Fractional LP lower bound: min sum_i,m x_im E_im s.t. mean_i sum_m x_im s_im >= alpha,
     sum_m x_im = 1, x >= 0; exact via bisection on the single multiplier and a fractional mix of
@@ -181,6 +212,6 @@ def oracle(trace: Trace, alpha: float) -> Outcome:
 
 
 __all__ = [
-    "TaskPlan", "constrained_probs", "oracle", "random_mix", "single", "static_mix",
-    "static_mix_plan", "task_mix", "task_mix_expected", "task_mix_plan",
+    "TaskPlan", "constrained_probs", "fixed_multiplier", "oracle", "random_mix", "single",
+    "static_mix", "static_mix_plan", "task_mix", "task_mix_expected", "task_mix_plan",
 ]

@@ -26,6 +26,10 @@ EDGED = RouterConfig()
 
 ConfigFactory = Callable[[float, int], RouterConfig]
 
+#: suffix of the policy that replays a router's forecasts with one hindsight multiplier
+#: (`baselines.fixed_multiplier`): "edged@fixed" beside "edged"
+FIXED = "@fixed"
+
 
 def paper_factory(c: float = 0.1, V: float = 0.001) -> ConfigFactory:
     return lambda alpha, seed: RouterConfig.paper(alpha=alpha, V=V, c=c, seed=seed)
@@ -126,6 +130,9 @@ def run_benchmark(
                 progress(f"{trace.benchmark} alpha {alpha}: seed {seed - first_seed + 1}/{seeds}"
                          f" {name}")
             outcomes.setdefault(name, []).append(run())
+        for name in routers:  # each router's forecasts under a constant hindsight multiplier
+            outcomes.setdefault(f"{name}{FIXED}", []).append(
+                baselines.fixed_multiplier(shuffled, outcomes[name][-1], alpha))
     summary = _summary(trace, alpha, seeds, outcomes)
     summary["first_seed"] = first_seed
     summary["labels"] = asdict(labels or LabelModel())

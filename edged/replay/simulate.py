@@ -23,6 +23,9 @@ class Outcome:
     ran: np.ndarray  # (N, M) fraction of each model run per request
     explored: np.ndarray  # (N,) bool
     predictions: np.ndarray | None = None  # (K, 3) predicted probability, label, model index
+    #: a router's forecasts at decision time, (N, M) each: satisfaction and joules per model
+    predicted_satisfaction: np.ndarray | None = None
+    predicted_energy_j: np.ndarray | None = None
 
 
 #: Answer options per benchmark of the MESS+ traces: two wrong answers of a multiple-choice
@@ -77,6 +80,8 @@ def run_router(
     energy = np.empty(n)
     ran = np.zeros((n, m))
     explored = np.zeros(n, dtype=bool)
+    forecast_sat = np.empty((n, m))
+    forecast_j = np.empty((n, m))
     preds: list[tuple[float, float, int]] = []
     names = trace.models
     kinds = trace.kind_of_rows()
@@ -85,6 +90,8 @@ def run_router(
         decision = router.decide(text, embedding=None if embeddings is None else embeddings[i])
         idx = [names.index(name) for name in decision.run]
         served = names.index(decision.model)
+        forecast_sat[i] = [decision.predicted_satisfaction[name] for name in names]
+        forecast_j[i] = [decision.predicted_energy_j[name] for name in names]
         router.observe_energy(
             decision,
             {names[j]: trace.energy_j[i, j] for j in idx},
@@ -124,4 +131,5 @@ def run_router(
             router.observe_labels(decision, {name: truth[served]},
                                   replaces=None if old is None else {name: old},
                                   weight=1.0 if old is None else 1.0 / decision.top_chance)
-    return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 3))
+    return Outcome(sat, energy, ran, explored, np.array(preds).reshape(-1, 3), forecast_sat,
+                   forecast_j)
