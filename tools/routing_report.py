@@ -65,7 +65,8 @@ MIXED_ABLATIONS = ["edged -head", "edged -chain", "edged -neighbours", "edged ra
 MIXED_ALPHAS = (0.65, 0.70, 0.75)
 MIXED_FIRST_SEED = 10
 HELD_OUT = ["messplus", "edged"]
-MAIN = ["messplus", "edged", "random", "random_constrained", "static_mix", "oracle"]
+MAIN = ["messplus", "edged", "edged@fixed", "random", "random_constrained", "static_mix",
+        "oracle"]
 
 
 def main() -> int:
@@ -203,7 +204,8 @@ def render(summaries: list[dict], held: list[list[dict]], mixed: list[dict], see
                                        "x task_mix" for m in mixed) + " |",
             "|---|" + "---|" * len(mixed),
         ]
-        for name in ["messplus", "edged", *MIXED_ABLATIONS, "static_mix", "task_mix", "oracle"]:
+        for name in ["messplus", "edged", "edged@fixed", *MIXED_ABLATIONS, "static_mix",
+                     "task_mix", "oracle"]:
             cells = []
             for m in mixed:
                 q = m["policies"][name]
