@@ -41,6 +41,7 @@ import numpy as np
 from edged.checkers import Checker, get_checker
 from edged.client import Client, ClientError
 from edged.paths import demo_zoo_dir
+from edged.replay import Trace, baselines
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,8 +49,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 POLICIES = ("edged", "largest", "smallest", "random", "static_mix", "task_mix")
-#: the baselines solved in hindsight on the baseline pass (`edged.replay.baselines`)
-HINDSIGHT = ("static_mix", "task_mix")
 
 
 class DemoError(RuntimeError):
@@ -405,8 +404,6 @@ def hindsight(rows: list[dict[str, str]], names: list[str],
     """`static_mix` and `task_mix` on the baseline pass's outcomes, in stream order: the
     replay's exact hindsight plans, with each row's eval-set `bucket` as its kind (rows
     without one share a single kind, where task_mix is static_mix)."""
-    from edged.replay import Trace, baselines
-
     trace = Trace(
         benchmark="demo", models=tuple(names), texts=tuple(r["prompt"] for r in rows),
         labels=np.array([[per_model[(r["prompt"], n)][0] for n in names] for r in rows], float),

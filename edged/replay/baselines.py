@@ -183,17 +183,19 @@ def fixed_multiplier(trace: Trace, routed: Outcome, alpha: float) -> Outcome:
     def meets(lam: float) -> bool:
         return bool(trace.labels[rows, choose(lam)].mean() >= alpha)
 
+    if meets(0.0):
+        return _from_choice(trace, choose(0.0))
     low, high = 0.0, 1.0
-    if not meets(low):
-        while not meets(high) and high < 1e15:  # past ~1e15 every choice is the best forecast
-            high *= 4.0
-        for _ in range(100):
-            mid = 0.5 * (low + high)
-            low, high = (low, mid) if meets(mid) else (mid, high)
-            if high - low <= 1e-9 * high:
-                break
-        low = high
-    return _from_choice(trace, choose(low))
+    while not meets(high):
+        if high > 1e15:  # every choice is already the most satisfying forecast: out of reach
+            return _from_choice(trace, choose(high))
+        low, high = high, 4.0 * high
+    for _ in range(100):
+        if high - low <= 1e-9 * high:
+            break
+        mid = 0.5 * (low + high)
+        low, high = (low, mid) if meets(mid) else (mid, high)
+    return _from_choice(trace, choose(high))
 
 
 def oracle(trace: Trace, alpha: float) -> Outcome:
