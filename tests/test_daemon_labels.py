@@ -154,6 +154,38 @@ def test_real_feedback_overrides_a_pseudo_label(tmp_path):
         assert d.stop() == 0
 
 
+def test_queue_on_real_labels_only(tmp_path):
+    """[router] queue_labels = "real": agreement labels teach the predictor but the queue and
+    the labelled count move only with real feedback, also after a journal replay."""
+    router = 'c = 1.0\nexplore_runs = "all"\nqueue_labels = "real"'
+    config = demo_config(tmp_path / "state", sources=["agreement", "feedback"], router=router)
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        reply = d.call({"id": "r1", "op": "generate", "prompt": "12+34="})
+        assert reply["ok"] and reply["route"]["explored"]
+        stats = wait_explored(d)
+        assert stats["labels_by_source"]["agreement"] == 2
+        assert stats["router"]["labels"] == 0 and stats["router"]["debt"] == 0.0
+        assert stats["router"]["models"]["small"]["labels"] == 1  # learned all the same
+        fb = d.call({"id": "f", "op": "feedback", "request_id": "r1",
+                     "labels": {reply["model"]: False}})
+        assert fb["ok"]
+        after = d.call({"id": "s", "op": "stats"})["router"]
+        assert after["labels"] == 1 and after["debt"] > 0.0
+        d.proc.send_signal(signal.SIGKILL)  # the journal replays both with their sources
+        d.proc.wait(30)
+    finally:
+        d.close()
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        again = d.call({"id": "s", "op": "stats"})["router"]
+        assert again["labels"] == 1 and again["debt"] == pytest.approx(after["debt"])
+    finally:
+        assert d.stop() == 0
+
+
 def test_feedback_refused_when_not_a_source(tmp_path):
     d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["reference"]))
     try:

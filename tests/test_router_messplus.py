@@ -249,3 +249,29 @@ def test_lp_prior_plans_the_surplus_for_unlabelled_requests() -> None:
         lams[labelled] = router.lam
     assert lams[True] == 0.0
     assert lams[False] > 0.0
+
+
+@pytest.mark.parametrize("queue_labels", ["all", "real"])
+def test_queue_labels_real_keeps_pseudo_labels_out_of_the_queue(queue_labels: str) -> None:
+    """With queue_labels="real" agreement/judge labels teach the predictor but move neither
+    the queue nor the labelled count; a real label moves it with weight 1, also where it
+    replaces a pseudo-label. With "all" the pseudo-label and its replacement move it as before."""
+    cfg = RouterConfig.paper(alpha=0.8).with_(queue_labels=queue_labels)
+    router = Router(["s", "l"], cfg)
+    d = router.decide("q")
+    router.observe_energy(d, dict.fromkeys(d.run, 1.0))
+    served = d.model
+    router.observe_labels(d, {served: 0.0}, weight=4.0, pseudo=True)
+    assert router.predictor.labels[router.names.index(served)] == 1  # learned either way
+    router.observe_reference(d)
+    if queue_labels == "real":
+        assert router.q == 0.0 and router.debt == 0.0 and router.served_labels == 0
+    else:
+        assert router.q == pytest.approx(4.0 * 0.8 + 0.8 - 1.0) and router.served_labels == 2
+    router.observe_labels(d, {served: 1.0}, replaces={served: 0.0}, weight=4.0)
+    if queue_labels == "real":  # the request's first real label, weight 1
+        assert router.served_labels == 1 and router.debt == pytest.approx(0.8 - 1.0)
+    else:  # the pseudo-label's place and weight: 4 * (0.8 - 1) plus the reference's -0.2
+        assert router.served_labels == 2 and router.debt == pytest.approx(4 * -0.2 - 0.2)
+    with pytest.raises(RouterConfigError, match="queue_labels"):
+        RouterConfig(queue_labels="some")  # type: ignore[arg-type]

@@ -54,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-sparsity", type=float, default=None, metavar="P",
                    help="real labels on a share P of requests only (the paper's feedback "
                         "sparsity); with --labels agreement, the share of real labels")
+    p.add_argument("--queue-labels", choices=("all", "real"), default="all",
+                   help="edged's RouterConfig.queue_labels: which labels move its queue, "
+                        "all (default) or only real ones (pseudo-labels then only teach the "
+                        "predictor, and the SLA is on the real labels)")
     p.add_argument("--encoder", type=Path, default=None, metavar="DIR",
                    help="also run `edged+encoder`: edged with this sentence encoder's "
                    "embeddings as extra features (tools/export_encoder.py makes one; the "
@@ -135,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         labels = parse_labels(args.labels, args.feedback_sparsity)
     except ValueError as exc:
         return fail(str(exc))
-    edged = EDGED.for_agreement() if labels.source == "agreement" else EDGED
+    edged = EDGED.with_(queue_labels=args.queue_labels)
+    edged = edged.for_agreement() if labels.source == "agreement" else edged
     routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory(edged)}
     if args.encoder is not None:
         routers[ENCODED] = edged_factory(edged)

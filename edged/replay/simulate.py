@@ -123,7 +123,8 @@ def run_router(
                     (truth[j] >= 0.5) == (truth[top] >= 0.5)
                     and (not both_wrong or coin.random() < chance))
             if pseudo:
-                router.observe_labels(decision, pseudo, weight=1.0 / decision.top_chance)
+                router.observe_labels(decision, pseudo, weight=1.0 / decision.top_chance,
+                                      pseudo=True)
         if labels.sparsity > 0.0 and real:
             name = names[served]
             preds.append((decision.predicted_satisfaction[name], truth[served], served))

@@ -350,6 +350,7 @@ class Router:
         labels: Mapping[str, bool | float],
         replaces: Mapping[str, float] | None = None,
         weight: float = 1.0,
+        pseudo: bool = False,
     ) -> None:
         """Satisfaction labels (True/False or in [0, 1]) for models that ran `decision`.
 
@@ -359,6 +360,9 @@ class Router:
         the queue and the served statistics take the new value instead of the old one.
         `weight`: how many served requests the served model's label stands for in the queue
         (1 / the chance it was labelled, for labels that come only with some exploration).
+        `pseudo`: agreement or judge labels; with `queue_labels="real"` they teach the
+        predictor only, and a real label counts with weight 1, as the request's first even
+        where it replaces a pseudo-label.
         """
         if not (math.isfinite(weight) and weight > 0.0):
             raise RouterError(f"label weight must be finite and > 0, got {weight!r}")
@@ -375,11 +379,16 @@ class Router:
         for m, label in checked:
             if m > 0 and m - 1 in given:
                 self.predictor.observe_pair(m, label, given[m - 1])
+        real_only = self.config.queue_labels == "real"
+        if real_only:  # real labels come whether or not the request explored: no reweighting
+            if pseudo:
+                return
+            weight = 1.0
         served = self._index[decision.model]
         for m, label in checked:
             if m != served:
                 continue
-            old = (replaces or {}).get(decision.model)
+            old = None if real_only else (replaces or {}).get(decision.model)
             if old is not None:  # the served statistics and the queue take the new value
                 self.served_satisfaction += label - old
                 self.debt += weight * (old - label)
@@ -391,7 +400,9 @@ class Router:
         """The served model is the reference of the labels (the top model, with agreement as
         the source): its answer satisfies the agreement SLA by definition, so the request
         counts in the queue and the served satisfaction as a 1. Nothing is learned: it is not
-        a label of the model's quality."""
+        a label of the model's quality. A pseudo-label: ignored with `queue_labels="real"`."""
+        if self.config.queue_labels == "real":
+            return
         self._served_outcome(decision, 1.0, 1.0)
 
     def _served_outcome(self, decision: Decision, label: float, weight: float) -> None:

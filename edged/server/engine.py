@@ -843,7 +843,8 @@ class Engine:
             if router is not None:
                 assert finished.decision is not None
                 durable = self._journal(finished, labels, source, replaces, weight)
-                router.observe_labels(finished.decision, labels, replaces, weight)
+                router.observe_labels(finished.decision, labels, replaces, weight,
+                                      pseudo=source in PSEUDO)
                 self.router_dirty = True
                 self.unsaved_labels += len(labels)
             else:
@@ -905,7 +906,7 @@ class Engine:
                     router.observe_reference(decision)
                     continue
                 router.observe_labels(decision, entry.labels, entry.replaces or None,
-                                      entry.weight)
+                                      entry.weight, pseudo=entry.source in PSEUDO)
             except RouterError as exc:
                 log.warning("journal row %d not replayed: %s", entry.seq, exc)
                 continue
