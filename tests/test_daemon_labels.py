@@ -186,6 +186,31 @@ def test_queue_on_real_labels_only(tmp_path):
         assert d.stop() == 0
 
 
+def test_a_top_served_request_with_a_reference_counts_once(tmp_path):
+    """With agreement and reference labels, a request the top model served and that carries a
+    reference moves the queue once (its reference label), not also as agreeing."""
+    rows = [json.loads(line) for line in (DEMO / "eval.jsonl").read_text().splitlines()]
+    hard = [r for r in rows if r["bucket"] == "3d"]
+    config = demo_config(tmp_path / "state", sources=["agreement", "reference"]).replace(
+        "alpha = 0.8", "alpha = 0.99")
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        served = []
+        for i, row in enumerate(hard[:40]):
+            before = wait_explored(d)["router"]["labels"]
+            reply = d.call({"id": f"r{i}", "op": "generate", "prompt": row["prompt"],
+                            "reference": row["answer"]})
+            after = wait_explored(d)["router"]["labels"]
+            assert reply["ok"] and after - before == 1, (reply["model"], before, after)
+            served.append(reply["model"])
+            if reply["model"] == "large":
+                break
+        assert served[-1] == "large", served  # the deficit escalated to the top model
+    finally:
+        assert d.stop() == 0
+
+
 def test_feedback_refused_when_not_a_source(tmp_path):
     d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["reference"]))
     try:

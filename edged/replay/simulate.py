@@ -111,7 +111,8 @@ def run_router(
             continue
         pseudo: dict[str, float] = {}
         top = m - 1
-        if served == top:
+        labelled = labels.sparsity > 0.0 and real
+        if served == top and not labelled:  # the served reply's own label counts instead
             router.observe_reference(decision)
         if top in idx:
             chance = 1.0 / (CHOICES.get(kinds[i], labels.choices) - 1)
@@ -125,7 +126,7 @@ def run_router(
             if pseudo:
                 router.observe_labels(decision, pseudo, weight=1.0 / decision.top_chance,
                                       pseudo=True)
-        if labels.sparsity > 0.0 and real:
+        if labelled:
             name = names[served]
             preds.append((decision.predicted_satisfaction[name], truth[served], served))
             old = pseudo.get(name)

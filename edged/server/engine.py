@@ -655,7 +655,7 @@ class Engine:
             explore.append(judge)
         finished.pending.update(task.model for task in explore if task.judged is None)
         self._learn(finished, primary, out, req.reference)
-        self._served_reference(finished)
+        self._served_reference(finished, judged=judge is not None)
         with self._lock:
             self._finished[req.id] = finished
             self._finished.move_to_end(req.id)
@@ -675,11 +675,16 @@ class Engine:
             reply["judge"] = {"model": judge.model, "status": "queued"}
         return reply, explore
 
-    def _served_reference(self, finished: _Finished) -> None:
+    def _served_reference(self, finished: _Finished, judged: bool = False) -> None:
         """With agreement labels, a request the top model served counts in the queue as
-        agreeing (its answer is the reference); journalled so a restart keeps the queue."""
-        if not self.labels.uses("agreement") or finished.decision is None:
+        agreeing (its answer is the reference); journalled so a restart keeps the queue. Not
+        when another label of the served reply moves the queue instead: a reference label
+        already learned, or a judge run on its way (`judged`)."""
+        if not self.labels.uses("agreement") or finished.decision is None or judged:
             return
+        with self._lock:
+            if finished.primary in finished.labelled:
+                return
         with self.router_lock:
             router = self._router_for(finished)
             if router is None or finished.primary != router.names[-1]:
