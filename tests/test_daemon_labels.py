@@ -211,6 +211,49 @@ def test_a_top_served_request_with_a_reference_counts_once(tmp_path):
         assert d.stop() == 0
 
 
+def test_feedback_on_a_top_served_reply_takes_the_agreement_entrys_place(tmp_path):
+    """A reply of the top model counted in the queue as agreeing; feedback on it later replaces
+    that entry (no second count), is a label in the counters, and survives a restart."""
+    config = demo_config(tmp_path / "state", sources=["agreement", "feedback"]).replace(
+        "alpha = 0.8", "alpha = 0.99")
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        for i, prompt in enumerate(prompts("3d")[:40]):  # wrong answers build the deficit
+            reply = d.call({"id": f"r{i}", "op": "generate", "prompt": prompt})
+            assert reply["ok"]
+            if reply["model"] == "large":
+                break
+            wait_explored(d)
+            if reply["model"] not in reply.get("labels", {}):
+                d.call({"id": f"f{i}", "op": "feedback", "request_id": f"r{i}",
+                        "labels": {reply["model"]: False}})
+        assert reply["model"] == "large", reply["model"]
+        before = wait_explored(d)
+        fb = d.call({"id": "f", "op": "feedback", "request_id": reply["id"],
+                     "labels": {"large": False}})
+        assert fb["ok"] and fb["replaced"] == []  # no pseudo-label was replaced
+        after = wait_explored(d)
+        assert after["router"]["labels"] == before["router"]["labels"]  # in its place
+        assert after["router"]["debt"] == pytest.approx(before["router"]["debt"] + 1.0)
+        large = after["models"]["large"]
+        assert large["labels"] == before["models"]["large"]["labels"] + 1
+        d.proc.send_signal(signal.SIGKILL)  # the journal replays it the same way
+        d.proc.wait(30)
+    finally:
+        d.close()
+    d = Daemon(tmp_path, config)
+    try:
+        d.wait_note("READY=1")
+        again = d.call({"id": "s", "op": "stats"})
+        assert again["router"]["labels"] == after["router"]["labels"]
+        assert again["router"]["debt"] == pytest.approx(after["router"]["debt"])
+        assert again["models"]["large"]["labels"] == large["labels"]
+        assert again["models"]["large"]["satisfied"] == large["satisfied"]
+    finally:
+        assert d.stop() == 0
+
+
 def test_feedback_refused_when_not_a_source(tmp_path):
     d = Daemon(tmp_path, demo_config(tmp_path / "state", sources=["reference"]))
     try:
@@ -283,3 +326,30 @@ def test_judge_runs_after_the_reply_and_counts_its_joules(tmp_path):
         assert named["ok"] and "judge" not in named  # bypassed routing: nothing to label
     finally:
         assert d.stop() == 0
+
+
+def test_journal_from_before_replaced_reference_is_migrated(tmp_path):
+    """A label journal written before the `replaced_reference` column opens, gains it (old
+    rows read as replacing nothing) and stores it for new rows."""
+    import sqlite3
+
+    from edged.server.journal import Journal
+
+    path = tmp_path / "labels.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE labels (seq INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, "
+        "model TEXT NOT NULL, target REAL, labels TEXT NOT NULL, source TEXT NOT NULL DEFAULT "
+        "'reference', replaces TEXT NOT NULL DEFAULT '{}', weight REAL NOT NULL DEFAULT 1.0);"
+        "INSERT INTO labels (text, model, target, labels) VALUES ('1+1=', 'small', 0.8, "
+        "'{\"small\": 1.0}');")
+    db.close()
+    journal = Journal(path)
+    try:
+        journal.append("9+9=", "large", 0.8, {"large": 0.0}, "feedback", {"large": 1.0}, 1.0,
+                       ("large",))
+        old, new = journal.entries(0)
+        assert old.replaced_reference == () and old.labels == {"small": 1.0}
+        assert new.replaced_reference == ("large",) and new.replaces == {"large": 1.0}
+    finally:
+        journal.close()

@@ -524,12 +524,16 @@ class Engine:
                         request.id,
                     )
                 replaces[name] = finished.values[name]  # a real label overrides a pseudo one
+        pseudo = sorted(replaces)
+        served = finished.decision.model
+        if served in labels and finished.sources.get(served) == SERVED_REFERENCE:
+            replaces[served] = 1.0  # the queue counted the top model's reply as agreeing
         weight = 1.0
-        if finished.decision.model in replaces:  # it takes the pseudo-label's place and weight
+        if served in replaces:  # it takes the pseudo-label's place and weight
             weight = 1.0 / max(finished.decision.top_chance, 1e-9)
         durable = self._observe_labels(finished, labels, "feedback", replaces, weight)
         return {"request_id": rid, "labels": labels, "source": "feedback", "durable": durable,
-                "replaced": sorted(replaces)}
+                "replaced": pseudo}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -695,6 +699,9 @@ class Engine:
                                         finished.decision.target, {}, SERVED_REFERENCE)
             router.observe_reference(finished.decision)
             self.router_dirty = True
+        with self._lock:  # a feedback label for the reply later takes this entry's place
+            finished.sources[finished.primary] = SERVED_REFERENCE
+            finished.values[finished.primary] = 1.0
 
     def _judge_task(self, job: Job, finished: _Finished) -> _Exploration | None:
         """A judge run for the served reply, when the judge is a label source and no reference
@@ -843,11 +850,15 @@ class Engine:
         `replaces`: pseudo-labels of this request that these real ones override; `weight`: see
         `Router.observe_labels`."""
         durable = False
+        with self._lock:  # replaced queue entries that were no label: the counters keep them
+            from_reference = tuple(n for n in (replaces or {})
+                                   if finished.sources.get(n) == SERVED_REFERENCE)
         with self.router_lock:
             router = self._router_for(finished, *labels)
             if router is not None:
                 assert finished.decision is not None
-                durable = self._journal(finished, labels, source, replaces, weight)
+                durable = self._journal(finished, labels, source, replaces, weight,
+                                        from_reference)
                 router.observe_labels(finished.decision, labels, replaces, weight,
                                       pseudo=source in PSEUDO)
                 self.router_dirty = True
@@ -862,7 +873,8 @@ class Engine:
                     finished.values[name] = float(ok)
             for name, ok in labels.items():
                 stats = self._stats.setdefault(name, _ModelStats())
-                _count_label(stats, source, ok, (replaces or {}).get(name))
+                replaced = None if name in from_reference else (replaces or {}).get(name)
+                _count_label(stats, source, ok, replaced)
         return durable
 
     def _journal(
@@ -872,6 +884,7 @@ class Engine:
         source: str,
         replaces: dict[str, float] | None,
         weight: float,
+        from_reference: tuple[str, ...] = (),
     ) -> bool:
         """Append to the journal (caller holds router_lock); a failure is logged once per run
         of failures and the label is still learned in memory."""
@@ -879,7 +892,8 @@ class Engine:
             return False
         try:
             self.journal.append(finished.text, finished.decision.model,
-                                finished.decision.target, labels, source, replaces, weight)
+                                finished.decision.target, labels, source, replaces, weight,
+                                from_reference)
         except JournalError as exc:
             if not self._journal_failed:
                 log.error("%s: labels are learned but not durable until the next save", exc)
@@ -918,7 +932,8 @@ class Engine:
             done += 1
             for name, label in entry.labels.items():
                 stats = self._stats.setdefault(name, _ModelStats())
-                _count_label(stats, entry.source, label >= 0.5, entry.replaces.get(name))
+                replaced = None if name in entry.replaced_reference else entry.replaces.get(name)
+                _count_label(stats, entry.source, label >= 0.5, replaced)
         if done:
             self.router_dirty = True
             self.unsaved_labels += done

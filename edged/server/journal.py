@@ -26,7 +26,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS labels (
     labels TEXT NOT NULL,        -- JSON {model: label}
     source TEXT NOT NULL DEFAULT 'reference',  -- reference, feedback, agreement or judge
     replaces TEXT NOT NULL DEFAULT '{}',       -- JSON {model: pseudo-label this one overrides}
-    weight REAL NOT NULL DEFAULT 1.0           -- served requests the served label stands for
+    weight REAL NOT NULL DEFAULT 1.0,          -- served requests the served label stands for
+    replaced_reference TEXT NOT NULL DEFAULT '[]'  -- JSON [model]: replaces its served agreement
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -62,6 +63,9 @@ class Entry:
     source: str = "reference"
     replaces: dict[str, float] = field(default_factory=dict)
     weight: float = 1.0
+    #: models in `replaces` whose value was the served top model's agreement (a queue entry,
+    #: not a label: the label counters do not take it back)
+    replaced_reference: tuple[str, ...] = ()
 
 
 def file_digest(path: Path) -> str | None:
@@ -93,7 +97,8 @@ class Journal:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(labels)")}
             for name, spec in (("source", "TEXT NOT NULL DEFAULT 'reference'"),
                                ("replaces", "TEXT NOT NULL DEFAULT '{}'"),
-                               ("weight", "REAL NOT NULL DEFAULT 1.0")):
+                               ("weight", "REAL NOT NULL DEFAULT 1.0"),
+                               ("replaced_reference", "TEXT NOT NULL DEFAULT '[]'")):
                 if name not in columns:  # a journal from before label sources
                     self._db.execute(f"ALTER TABLE labels ADD COLUMN {name} {spec}")
         except sqlite3.Error as exc:
@@ -105,17 +110,18 @@ class Journal:
 
     def append(self, text: str, model: str, target: float | None,
                labels: Mapping[str, float], source: str = "reference",
-               replaces: Mapping[str, float] | None = None, weight: float = 1.0) -> int:
+               replaces: Mapping[str, float] | None = None, weight: float = 1.0,
+               replaced_reference: Sequence[str] = ()) -> int:
         """Commit one decision's labels (from `source`, overriding `replaces`) durably; the
         row's sequence number."""
         row = (text, model, target, json.dumps({k: float(v) for k, v in labels.items()}),
                source, json.dumps({k: float(v) for k, v in (replaces or {}).items()}),
-               float(weight))
+               float(weight), json.dumps([str(m) for m in replaced_reference]))
         try:
             with self._lock:
                 cur = self._db.execute(
-                    "INSERT INTO labels (text, model, target, labels, source, replaces, weight) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                    "INSERT INTO labels (text, model, target, labels, source, replaces, weight, "
+                    "replaced_reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
                 return int(cur.lastrowid or 0)
         except sqlite3.Error as exc:
             raise JournalError(f"label journal {self.path}: {exc}") from None
@@ -171,19 +177,20 @@ class Journal:
     def entries(self, after: int) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, text, model, target, labels, source, replaces, weight FROM labels "
-                "WHERE seq > ? ORDER BY seq", (after,)).fetchall()
+                "SELECT seq, text, model, target, labels, source, replaces, weight, "
+                "replaced_reference FROM labels WHERE seq > ? ORDER BY seq", (after,)).fetchall()
         out = []
-        for seq, text, model, target, labels, source, replaces, weight in rows:
+        for seq, text, model, target, labels, source, replaces, weight, reference in rows:
             try:
                 parsed = {str(k): float(v) for k, v in json.loads(labels).items()}
                 replaced = {str(k): float(v) for k, v in json.loads(replaces).items()}
+                from_reference = tuple(str(m) for m in json.loads(reference))
             except (ValueError, TypeError, AttributeError):
                 log.warning("label journal %s: row %d is unreadable; skipped", self.path, seq)
                 continue
             out.append(Entry(int(seq), str(text), str(model),
                              None if target is None else float(target), parsed, str(source),
-                             replaced, float(weight)))
+                             replaced, float(weight), from_reference))
         return out
 
     def load_json(self, key: str) -> Any:
