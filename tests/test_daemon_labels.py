@@ -68,6 +68,19 @@ def wait_explored(d: Daemon, timeout_s: float = 120.0) -> dict:
     raise AssertionError(f"explorations never finished: {stats['exploration']}")
 
 
+def killed_and_restarted(d: Daemon, tmp_path: Path, config: str) -> Daemon:
+    """SIGKILL `d` (no final save: the label journal must carry what it learned), then a
+    daemon on the same state, once READY."""
+    try:
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(30)
+    finally:
+        d.close()
+    d = Daemon(tmp_path, config)
+    d.wait_note("READY=1")
+    return d
+
+
 def test_agreement_labels_change_routing_and_survive_a_kill(tmp_path):
     easy, hard = prompts("1d"), prompts("3d")
     stream = [p for pair in zip(easy * 4, hard * 4, strict=True) for p in pair]  # 320 requests
@@ -173,13 +186,7 @@ def test_queue_on_real_labels_only(tmp_path):
         assert fb["ok"]
         after = d.call({"id": "s", "op": "stats"})["router"]
         assert after["labels"] == 1 and after["debt"] > 0.0
-        d.proc.send_signal(signal.SIGKILL)  # the journal replays both with their sources
-        d.proc.wait(30)
-    finally:
-        d.close()
-    d = Daemon(tmp_path, config)
-    try:
-        d.wait_note("READY=1")
+        d = killed_and_restarted(d, tmp_path, config)  # the journal replays both, with sources
         again = d.call({"id": "s", "op": "stats"})["router"]
         assert again["labels"] == 1 and again["debt"] == pytest.approx(after["debt"])
     finally:
@@ -238,13 +245,7 @@ def test_feedback_on_a_top_served_reply_takes_the_agreement_entrys_place(tmp_pat
         assert after["router"]["debt"] == pytest.approx(before["router"]["debt"] + 1.0)
         large = after["models"]["large"]
         assert large["labels"] == before["models"]["large"]["labels"] + 1
-        d.proc.send_signal(signal.SIGKILL)  # the journal replays it the same way
-        d.proc.wait(30)
-    finally:
-        d.close()
-    d = Daemon(tmp_path, config)
-    try:
-        d.wait_note("READY=1")
+        d = killed_and_restarted(d, tmp_path, config)  # the journal replays it the same way
         again = d.call({"id": "s", "op": "stats"})
         assert again["router"]["labels"] == after["router"]["labels"]
         assert again["router"]["debt"] == pytest.approx(after["router"]["debt"])
