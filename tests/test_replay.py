@@ -10,6 +10,7 @@ import pytest
 
 from edged.cli import main
 from edged.replay import TraceError, baselines, load_trace, mix_traces, run_benchmark
+from edged.replay.runner import shortfall_requests
 from edged.replay.trace import Trace
 
 HEADER = (
@@ -107,6 +108,9 @@ def test_run_benchmark_synthetic_shape() -> None:
         assert set(p) >= {"energy_j_per_request", "satisfaction", "min_satisfaction",
                           "explore_ratio", "call_ratio"}
         assert len(p["call_ratio"]) == 3
+        # every seed either met alpha or fell short by a whole number of requests
+        assert 0 <= p["seeds_met"] <= 2
+        assert (p["seeds_met"] == 2) == p["sla_met"] == (p["shortfall_requests"] == 0)
     assert s["policies"]["messplus"]["explore_ratio"] > 0
     # exploration energy is counted: messplus runs every model when exploring
     assert s["policies"]["messplus"]["call_ratio"][2] >= s["policies"]["messplus"]["explore_ratio"]
@@ -117,6 +121,14 @@ def test_run_benchmark_synthetic_shape() -> None:
     per_model = s["calibration"]["edged"]["models"]
     assert set(per_model) <= set(s["models"]) and per_model
     assert all(0.0 <= v["auc"] <= 1.0 or np.isnan(v["auc"]) for v in per_model.values())
+
+
+def test_shortfall_counts_the_missing_satisfied_requests() -> None:
+    # alpha 0.78 on 1838 requests needs 1433.64 satisfied ones: 1431 is three short
+    assert shortfall_requests(1431 / 1838, 0.78, 1838) == 3
+    assert shortfall_requests(1434 / 1838, 0.78, 1838) == 0
+    assert shortfall_requests(0.78, 0.78, 1838) == 0  # exactly alpha meets it
+    assert shortfall_requests(0.78 - 1e-7, 0.78, 1838) == 1  # a hair below is one request
 
 
 def write_csv(trace: Trace, path: Path, name: str | None = None) -> Path:
