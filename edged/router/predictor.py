@@ -60,7 +60,9 @@ def shape_tokens(text: str, words: list[str] | None = None) -> list[str]:
         f"\x00sentences:{min(len(_SENTENCE.findall(text)), 6)}",
     ]
     if words:  # digits folded to 9, so "12+34=" and "56+78=" share the shape "99"
-        first, last = (_DIGIT.sub("9", w) for w in (words[0], words[-1]))
+        first, last = words[0], words[-1]
+        if numbers:  # no digit in the text, none in its words (lowercasing makes none)
+            first, last = _DIGIT.sub("9", first), _DIGIT.sub("9", last)
         tokens += [f"\x00first:{first}", f"\x00last:{last}"]
     lengths = sorted({min(len(n), 12) for n in numbers})
     tokens += [f"\x00digits:{n}" for n in lengths]
@@ -81,16 +83,19 @@ def featurize(text: str, dim_bits: int) -> Features:
     # `((h ^ salt) * M64) >> shift` as the grams); colliding hashes sum their values in token order.
     bits = 64 - dim_bits
     shape: dict[int, float] = {}
-    dense_counts = [0] * SHAPE_DIM
+    dense_counts: dict[int, int] = {}
     tokens = shape_tokens(text, words)
     value = 1.0 / math.sqrt(len(tokens))  # shape tokens are distinct: counts of 1
     for token in tokens:
         h = zlib.crc32(token.encode())
         i = (((h ^ _SALT_LEN_INT) * _M64_INT) & _MASK64) >> bits
         shape[i] = shape[i] + value if i in shape else value
-        dense_counts[h % SHAPE_DIM] += 1
-    dense = np.array(dense_counts, dtype=np.float32)
-    dense /= np.sqrt(dense @ dense)  # a sum of small integer squares: exact
+        j = h % SHAPE_DIM
+        dense_counts[j] = dense_counts.get(j, 0) + 1
+    dense = np.zeros(SHAPE_DIM, dtype=np.float32)
+    dense[list(dense_counts)] = list(dense_counts.values())
+    # float32(sqrt) of an exact integer sum of squares: the float32 norm `sqrt(dense @ dense)`
+    dense /= math.sqrt(sum(c * c for c in dense_counts.values()))
     keys = sorted(shape)
     shape_val = [shape[i] for i in keys]
     data = np.frombuffer(low.encode("utf-8"), dtype=np.uint8)  # widened by the uint64 ops
@@ -119,7 +124,7 @@ def featurize(text: str, dim_bits: int) -> Features:
         bigram ^= _SALT_BIGRAM
     grams = flat[:n_grams]
     grams *= _M64
-    grams >>= np.uint64(bits)
+    grams >>= bits
     flat[n_grams:] = keys
     # One sort of gram and shape hashes gives the sorted union with counts; the shape hashes'
     # ones come off again, then each shape value is added before the gram value.
@@ -127,14 +132,15 @@ def featurize(text: str, dim_bits: int) -> Features:
     edge = np.empty(flat.size + 1, dtype=bool)
     edge[0] = edge[-1] = True
     np.not_equal(flat[1:], flat[:-1], out=edge[1:-1])
-    starts = np.flatnonzero(edge)
-    idx = flat[starts[:-1]].astype(np.int64)
+    starts = edge.nonzero()[0]
+    idx = flat.take(starts[:-1]).view(np.int64)  # hashes < 2**dim_bits: the same bits
     counts = starts[1:] - starts[:-1]
     at = idx.searchsorted(keys)
     counts[at] -= 1  # gram counts only (0 where only a shape token hashed)
     val = counts / math.sqrt(float(counts @ counts))  # an exact integer sum of squares
     val[at] = shape_val + val[at]  # x + 0.0 == x where no gram shares the hash
-    return Features(idx, val / np.sqrt(val @ val), dense)
+    val /= math.sqrt(val @ val)  # math.sqrt and np.sqrt both round correctly
+    return Features(idx, val, dense)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
