@@ -230,7 +230,8 @@ class Predictor:
         self.pair_gain = np.zeros(n_models)  # sum of label_m - label_{m-1} over those
         self.labels = np.zeros(n_models, dtype=np.int64)
         self.hits = np.zeros(n_models)
-        self._rows = np.arange(n_models)[:, None]
+        # start of each model's memory in the flattened (models * MEMORY) similarities
+        self._row_starts = np.arange(0, n_models * self.MEMORY, self.MEMORY)[:, None]
         self._refresh_rates()
 
     def _refresh_rates(self) -> None:
@@ -331,13 +332,16 @@ class Predictor:
         w, gains, rates = self._weights_list, self._gains_list, self._rates_list
         heads, near = out[1].tolist(), out[3].tolist()
         unchained = 0 if self.top_prior is None else self.n_models - 1
+        chains, mixes = [], []
         mixed = 0.0
         for m in range(self.n_models):
             chain = rates[m] if m in (0, unchained) else min(max(mixed + gains[m], 1e-3),
                                                             1.0 - 1e-3)
             mixed = w[0][m] * rates[m] + w[1][m] * heads[m] + w[2][m] * chain + w[3][m] * near[m]
-            out[2, m] = chain
-            out[4, m] = mixed
+            chains.append(chain)
+            mixes.append(mixed)
+        out[2] = chains
+        out[4] = mixes
         return out
 
     def neighbours(self, shape: np.ndarray) -> np.ndarray:
@@ -350,11 +354,15 @@ class Predictor:
             np.putmask(sims, self._memory_empty, -1.0)
         k = min(self.NEIGHBOURS, self.MEMORY)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        w = sims[self._rows, top]  # np.take_along_axis without its overhead
+        top = top + self._row_starts  # flat indices: `take` is np.take_along_axis, cheaper
+        w = sims.take(top)
         np.maximum(w, 0.0, out=w)
         np.square(w, out=w)
-        hits = np.add.reduce(w * self.memory_label[self._rows, top], axis=1)  # = .sum(axis=1)
-        return (hits + self._rates2) / (np.add.reduce(w, axis=1) + 2.0)
+        hits = np.add.reduce(w * self.memory_label.take(top), axis=1)  # = .sum(axis=1)
+        hits += self._rates2
+        weight = np.add.reduce(w, axis=1)
+        weight += 2.0
+        return np.divide(hits, weight, out=hits)
 
     def predict(self, features: Features) -> np.ndarray:
         """Satisfaction probability per model.
