@@ -61,17 +61,21 @@ def objective(
     return cost
 
 
-def choose(cost: np.ndarray, allowed: Sequence[bool] | np.ndarray | None = None) -> int:
+def choose(
+    cost: Sequence[float] | np.ndarray, allowed: Sequence[bool] | np.ndarray | None = None
+) -> int:
     """Index of the cheapest-cost model; ties go to the cheaper model (lower index).
 
     Models outside `allowed` are skipped; if none is allowed the cheapest model is returned.
+    Plain Python (`min` keeps the first of equal costs, as argmin does): a handful of models
+    cost less than numpy's per-call overhead.
     """
+    models = range(len(cost))
     if allowed is not None:
-        mask = np.asarray(allowed, dtype=bool)
-        if not mask.any():
+        models = [m for m in models if allowed[m]]
+        if not models:
             return 0
-        cost = np.where(mask, cost, np.inf)
-    return int(np.asarray(cost).argmin())
+    return min(models, key=cost.__getitem__)
 
 
 def lagrangian_choice(energy: np.ndarray, satisfaction: np.ndarray, lam: float) -> np.ndarray:

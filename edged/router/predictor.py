@@ -254,7 +254,7 @@ class Predictor:
         self.rates = np.clip(rates, 1e-3, 1.0 - 1e-3)
         self._base = np.log(self.rates / (1.0 - self.rates))
         self._rates_list = self.rates.tolist()
-        self._labels2 = self.labels + 2.0
+        self._labels2_list = (self.labels + 2.0).tolist()
         self._rates2 = 2.0 * self.rates
         self._weights_list = self.expert_weights().tolist()
         self._gains_list = self.gains().tolist()
@@ -273,10 +273,12 @@ class Predictor:
     def weights(self, value: np.ndarray) -> None:
         self._weights_t = np.array(value.T, order="C")  # a copy, feature-major
 
-    def uncertainty(self, t: int) -> np.ndarray:
+    def uncertainty(self, t: int) -> list[float]:
         """UCB width of each model's running success rate after t requests:
-        sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried."""
-        return np.sqrt(np.log1p(t) / self._labels2)
+        sqrt(ln(1 + t) / (n + 2)); it grows with t, so a starved model is retried.
+        Plain floats (a handful of models): numpy's log1p, then correctly rounded / and sqrt."""
+        spread = float(np.log1p(t))
+        return [math.sqrt(spread / n) for n in self._labels2_list]
 
     def featurize(self, text: str, embedding: np.ndarray | None = None) -> Features:
         """Hashed features of `text`, followed by `embedding` (extra_dim dense values, e.g. a

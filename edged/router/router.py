@@ -113,7 +113,8 @@ class Router:
         """Running means, times the energy head's per-request factor when `features` are given
         (and `energy_head` is on); models never measured get a placeholder rising with rank."""
         if features is not None and self.config.energy_head:
-            est = self.energy.mean * self.energy_head.factors(features.idx, features.val)
+            est = self.energy_head.factors(features.idx, features.val)
+            est *= self.energy.mean  # a fresh array: the product in place
         else:
             est = self.energy.mean.copy()
         if not self.energy.known():
@@ -152,7 +153,6 @@ class Router:
         t = self.t
         features = self.predictor.featurize(text, embedding)
         sat = self.predictor.predict(features)
-        mean_j = self._energy_estimate()
         energy_j = self._energy_estimate(features)
         latency_s = self.latency.mean + cfg.latency_sigma * self.latency.std()
         allowed = None
@@ -168,70 +168,81 @@ class Router:
             if cfg.margin_scaled:
                 margin *= 2.0 * math.sqrt(cfg.alpha * (1.0 - cfg.alpha))
             target = min(1.0, cfg.alpha + margin + self._unlabelled_margin(cfg.alpha, t))
+        row = t % len(self.recent)
         if cfg.V == "auto":  # one scale for every request, so per-request joules compare
             v = cfg.v_auto * t**cfg.v_growth
-            scale = mean_j.max()
+            scale = self._energy_estimate().max()
             energy = energy_j / scale if scale > 0 else energy_j
         else:
             v = float(cfg.V)
             energy = energy_j
-        self.recent_energy[t % len(self.recent)] = energy
+        self.recent_energy[row] = energy
         if cfg.lp_current_rates:  # the text head's part only; rates are added when solving
-            self.recent[t % len(self.recent)] = np.log(sat / (1.0 - sat)) - self.predictor._base
+            logit = self.recent[row]  # log(sat / (1 - sat)) - base, in place
+            np.subtract(1.0, sat, out=logit)
+            np.divide(sat, logit, out=logit)
+            np.log(logit, out=logit)
+            logit -= self.predictor._base
         else:
-            self.recent[t % len(self.recent)] = sat
-        limit = len(self.names)  # the choice takes one of the first `limit` (exploration: any)
+            self.recent[row] = sat
+        # The rest is scalar work on a handful of models: plain floats and lists, whose
+        # arithmetic rounds as numpy's does (no exp or log below).
+        n = len(self.names)
+        sat_list = sat.tolist()
+        limit = n  # the choice takes one of the first `limit` (exploration: any)
         if cfg.ladder and target is not None:
-            limit = self._ladder_cap(sat, target, t) + 1
+            limit = self._ladder_cap(sat_list, target, t) + 1
             if allowed is not None and not allowed[:limit].any():
-                limit = len(self.names)
+                limit = n
         pick = None if allowed is None else allowed[:limit]
         multiplier = self._multiplier(v)
         cost = messplus.objective(
             energy, sat, q=multiplier, v=v, alpha=target, z=self.z,
             energy_j=energy_j, budget_j=cfg.energy_budget_j,
-        )
-        choice = messplus.choose(cost[:limit], pick)
+        ).tolist()[:limit]
+        choice = messplus.choose(cost, pick)
         # upward: no bonus below the choice, so none can move a choice at the last allowed rank
         if cfg.optimism and not (cfg.optimism_upward and choice + 1 >= limit):
-            bonus = cfg.optimism * self.predictor.uncertainty(t)
+            bonus = [cfg.optimism * u for u in self.predictor.uncertainty(t)[:limit]]
             if cfg.optimism_upward:
-                bonus[: choice + 1] = 0.0
-            if bonus.any():  # the cost is linear in s: -multiplier per unit (-V without alpha)
+                bonus[: choice + 1] = [0.0] * (choice + 1)
+            if any(bonus):  # the cost is linear in s: -multiplier per unit (-V without alpha)
                 weight = multiplier if target is not None else v
-                choice = messplus.choose((cost - weight * bonus)[:limit], pick)
-        ok = np.ones(len(self.names), dtype=bool) if allowed is None else allowed.copy()
+                cost = [c - weight * b for c, b in zip(cost, bonus, strict=True)]
+                choice = messplus.choose(cost, pick)
+        ok = [True] * n if allowed is None else allowed.tolist()
         ok[choice] = True
         p_t = messplus.explore_probability(t, cfg.c, cfg.explore_exponent)
-        top = len(self.names) - 1
+        top = n - 1
         top_chance = 1.0
+        energy_list = energy_j.tolist()
         if not self.energy.known():  # cold start: measure every model once
-            runs = ok
+            run_idx = [m for m in range(n) if ok[m]]
         elif cfg.explore_runs == "all":
-            runs = ok if self.rng.random() < p_t else np.arange(len(ok)) == choice
+            run_idx = [m for m in range(n) if ok[m]] if self.rng.random() < p_t else [choice]
             top_chance = 1.0 if choice == top else p_t
         else:
-            chance = self._lean_probability(choice, energy_j, p_t)
+            chance = self._lean_probability(choice, energy_list, p_t)
             if cfg.label_need > 0.0:
                 need = cfg.label_need / math.sqrt(1.0 + self.predictor.labels[choice])
                 chance[-1] = max(chance[-1], min(1.0, need))
-            runs = ok & (self.rng.random(len(ok)) < chance)
-            runs[choice] = True
+            draws = self.rng.random(n).tolist()
+            run_idx = [m for m in range(n) if m == choice or (ok[m] and draws[m] < chance[m])]
             top_chance = 1.0 if choice == top else float(chance[top] if ok[top] else 0.0)
-        run_idx = np.flatnonzero(runs)
-        explored = run_idx.size > 1
+        explored = len(run_idx) > 1
         if explored:
             if cfg.explore_serves == "dearest":
-                choice = int(run_idx[-1])  # serve the dearest model that ran, as the paper does
+                choice = run_idx[-1]  # serve the dearest model that ran, as the paper does
             self.explorations += 1
-        self.calls += runs  # runs: one bool per model
+        for m in run_idx:
+            self.calls[m] += 1
         self.served[choice] += 1
         names = self.names
         return Decision(
             t=t, model=names[choice], explored=explored,
-            run=tuple(names[i] for i in run_idx.tolist()), q=self.q, z=self.z, target=target,
-            predicted_satisfaction=dict(zip(names, sat.tolist(), strict=True)),
-            predicted_energy_j=dict(zip(names, energy_j.tolist(), strict=True)),
+            run=tuple(names[i] for i in run_idx), q=self.q, z=self.z, target=target,
+            predicted_satisfaction=dict(zip(names, sat_list, strict=True)),
+            predicted_energy_j=dict(zip(names, energy_list, strict=True)),
             predicted_latency_s=dict(zip(names, latency_s.tolist(), strict=True)),
             features=features, top_chance=top_chance,
         )
@@ -250,12 +261,12 @@ class Router:
         margin = 0.5 * z * math.sqrt(alpha * (1.0 - alpha) * (1.0 - rho) / rho / t)
         return min(margin, 0.5 * (1.0 - alpha))  # with next to no labels: halfway to 1
 
-    def _ladder_cap(self, sat: np.ndarray, target: float, t: int) -> int:
+    def _ladder_cap(self, sat: list[float], target: float, t: int) -> int:
         """The dearest model the deficit may escalate to: the second cheapest, or past a model
         only while its predicted satisfaction for this request, plus a UCB width, is below the
         target (scalar math: hot path)."""
-        rates, labels = (sat, self.predictor.labels) if self.config.ladder_per_request else (
-            self.predictor.rates, self.predictor.labels)
+        rates = sat if self.config.ladder_per_request else self.predictor.rates.tolist()
+        labels = self.predictor.labels.tolist()
         width = self.config.ladder_ucb * math.sqrt(math.log1p(t))
         cap = min(1, len(rates) - 1)
         while cap < len(rates) - 1:
@@ -265,11 +276,12 @@ class Router:
         return cap
 
     @staticmethod
-    def _lean_probability(choice: int, energy_j: np.ndarray, p_t: float) -> np.ndarray:
+    def _lean_probability(choice: int, energy_j: list[float], p_t: float) -> list[float]:
         """Cost-proportional exploration: run model k beside the choice with probability
         `min(1, p_t * E_choice / E_k)`, so each extra model costs about p_t of the request:
         cheaper models are checked often, dearer ones rarely."""
-        return np.minimum(1.0, p_t * energy_j[choice] / np.maximum(energy_j, 1e-12))
+        spend = p_t * energy_j[choice]
+        return [min(1.0, spend / max(e, 1e-12)) for e in energy_j]
 
     # -- feedback ----------------------------------------------------------------------------
 
