@@ -231,7 +231,8 @@ def render(summaries: list[dict], held: list[list[dict]], mixed: list[dict], see
         for name in names:
             q = p[name]
             e = q["energy_j_per_request"]
-            ok = "" if q["min_satisfaction"] >= s["alpha"] - 1e-9 else " (miss)"
+            ok = ("" if q["sla_met"] else
+                  f" (miss: {q['seeds_met']}/{s['seeds']} seeds met, -{q['shortfall_requests']})")
             calls = " / ".join(f"{c:.2f}" for c in q["call_ratio"])
             out.append(
                 f"| {name} | {e:.1f} | {q['satisfaction']:.4f} | {q['min_satisfaction']:.4f}{ok} "
