@@ -98,6 +98,26 @@ def test_static_mix_plan_meets_alpha_in_expectation() -> None:
     assert (1 - x) * acc[i] + x * acc[j] == pytest.approx(0.6)
 
 
+def test_smallest_safe_margin_makes_every_shuffle_meet_alpha() -> None:
+    """A static mix aimed at alpha misses it on some shuffles; the margin found is the first
+    grid step at which none misses, and a step less leaves a miss."""
+    trace = synthetic(1000)
+    alpha = 0.6
+    shuffles = [trace.subset(np.random.default_rng(s).permutation(len(trace)))
+                for s in range(20)]
+    runs = [lambda target, t=t: baselines.static_mix(t, baselines.static_mix_plan(trace, target))
+            for t in shuffles]
+    plain = [run(alpha) for run in runs]
+    assert min(o.satisfaction.mean() for o in plain) < alpha  # aimed at alpha: some miss
+    found = baselines.smallest_safe_margin(runs, alpha, step=0.002)
+    assert found is not None
+    margin, outcomes = found
+    assert margin > 0 and all(o.satisfaction.mean() >= alpha for o in outcomes)
+    below = [run(alpha + margin - 0.002) for run in runs]
+    assert min(o.satisfaction.mean() for o in below) < alpha
+    assert baselines.smallest_safe_margin(runs, alpha, step=0.002, limit=0.0) is None
+
+
 def test_run_benchmark_synthetic_shape() -> None:
     result = run_benchmark(synthetic(300), 0.7, seeds=2)
     s = result.summary
