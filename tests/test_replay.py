@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from edged.cli import main
-from edged.replay import TraceError, baselines, load_trace, mix_traces, run_benchmark
+from edged.replay import (
+    TraceError,
+    baselines,
+    load_trace,
+    mix_traces,
+    run_benchmark,
+    stream_order,
+)
 from edged.replay.runner import shortfall_requests
 from edged.replay.trace import Trace
 
@@ -116,6 +123,26 @@ def test_smallest_safe_margin_makes_every_shuffle_meet_alpha() -> None:
     below = [run(alpha + margin - 0.002) for run in runs]
     assert min(o.satisfaction.mean() for o in below) < alpha
     assert baselines.smallest_safe_margin(runs, alpha, step=0.002, limit=0.0) is None
+
+
+def test_stream_order_in_runs_of_one_benchmark() -> None:
+    """Block 0 is the plain per-seed shuffle; a block size serves every request once, in runs
+    of at most that many requests of one benchmark, a different order per seed."""
+    mixed = mix_traces([synthetic(130, seed=1), synthetic(70, seed=2)])
+    mixed = Trace(mixed.benchmark, mixed.models, mixed.texts, mixed.labels, mixed.energy_j,
+                  mixed.latency_s, None, ("x",) * 130 + ("y",) * 70)
+    assert np.array_equal(stream_order(mixed, 3), np.random.default_rng(3).permutation(200))
+    def runs(order: np.ndarray) -> list[int]:  # lengths of the maximal one-kind runs
+        kinds = np.array(mixed.kinds)[order]
+        return [r.size for r in np.split(kinds, np.flatnonzero(kinds[1:] != kinds[:-1]) + 1)]
+
+    order = stream_order(mixed, 3, block=25)
+    assert sorted(order.tolist()) == list(range(200))
+    assert len(runs(order)) > 2  # 6 + 3 runs of at most 25, shuffled (adjacent ones merge)
+    assert len(runs(stream_order(mixed, 3, block=200))) == 2  # one run per benchmark
+    assert not np.array_equal(order, stream_order(mixed, 4, block=25))
+    with pytest.raises(ValueError, match="block"):
+        stream_order(mixed, 0, block=-1)
 
 
 def test_run_benchmark_synthetic_shape() -> None:
@@ -286,6 +313,14 @@ def test_cli_mix_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     data = json.loads(out.read_text())
     assert isinstance(data, list) and [d["alpha"] for d in data] == [0.65, 0.75]
     assert all(d["benchmark"] == "mixed" and d["first_seed"] == 3 for d in data)
+    assert all(d["block"] == 0 for d in data)
+    capsys.readouterr()
+    assert main([*args, "--alpha", "0.7", "--blocks", "50"]) == 0  # runs of one benchmark
+    data = json.loads(out.read_text())
+    assert data["block"] == 50 and data["requests"] == 500
+    assert "in runs of 50 of one benchmark" in capsys.readouterr().out
+    assert main([*args, "--alpha", "0.7", "--blocks", "-1"]) == 2
+    assert "--blocks must be >= 0" in capsys.readouterr().err
     assert main(["replay", "--mix", str(paths[0])]) == 2  # no default alpha for a mix
     assert "needs --alpha" in capsys.readouterr().err
     assert main(["replay", str(paths[0]), "--alpha", "0.7,x"]) == 2

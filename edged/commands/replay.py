@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="SLA (mean satisfaction to meet), or a comma list: one result per alpha "
                    "(default: the per-benchmark defaults; required with --mix)")
     p.add_argument("--seeds", type=int, default=5, help="shuffles per trace (default 5)")
+    p.add_argument("--blocks", type=int, default=0, metavar="N",
+                   help="serve runs of N requests of one benchmark at a time, the runs "
+                   "shuffled (a user on one kind of task for a while; with --mix), instead of "
+                   "one plain shuffle (default 0)")
     p.add_argument("--first-seed", type=int, default=0,
                    help="first shuffle seed (default 0); a later range is a held-out check")
     p.add_argument("--labels", default="reference", metavar="SOURCE[,sparsity=P]",
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("--seeds must be >= 1")
     if args.first_seed < 0:
         return fail("--first-seed must be >= 0")
+    if args.blocks < 0:
+        return fail("--blocks must be >= 0")
     try:
         alphas = parse_alphas(args.alpha)
     except ValueError as exc:
@@ -145,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     routers = {"messplus": paper_factory(c=args.c, V=args.V), "edged": edged_factory(edged)}
     if args.encoder is not None:
         routers[ENCODED] = edged_factory(edged)
-    results = replay_all(jobs, routers, args.seeds, args.first_seed, labels)
+    results = replay_all(jobs, routers, args.seeds, args.first_seed, labels, args.blocks)
     if args.json is not None:
         data = [r.summary for r in results]
         args.json.write_text(json.dumps(data[0] if len(data) == 1 else data, indent=1) + "\n")
@@ -208,7 +214,7 @@ def embed_traces(encoder_dir: Path, traces: Sequence[Any]) -> list[Any]:
 
 
 def replay_all(jobs: Sequence[tuple[Any, float, Any]], routers: dict, seeds: int,
-               first_seed: int, labels: Any = None) -> list:
+               first_seed: int, labels: Any = None, block: int = 0) -> list:
     """Run and print each (trace, alpha); a status line on stderr when it is a terminal, since
     one mixed stream with the routers takes minutes."""
     from edged.replay import run_benchmark
@@ -228,7 +234,7 @@ def replay_all(jobs: Sequence[tuple[Any, float, Any]], routers: dict, seeds: int
                       flush=True)
         results.append(run_benchmark(
             trace, alpha, seeds, routers, progress, first_seed, labels, embeddings,
-            embedded={ENCODED} if ENCODED in routers else ()))
+            embedded={ENCODED} if ENCODED in routers else (), block=block))
         if tty:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print_table(results[-1].summary)
@@ -243,6 +249,8 @@ def print_table(summary: dict) -> None:
     alpha = summary["alpha"]
     first = summary.get("first_seed")
     seeds = summary["seeds"] if first is None else f"{summary['seeds']} from {first}"
+    if summary.get("block"):
+        seeds = f"{seeds}  in runs of {summary['block']} of one benchmark"
     reach = "  (unreachable: no model or static mix meets it)" if summary.get("unreachable") else ""
     print(f"\n{summary['benchmark']}  alpha={alpha}{reach}  requests={summary['requests']}"
           f"  seeds={seeds}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from edged.replay import baselines
 from edged.replay.simulate import LabelModel, Outcome, run_router
-from edged.replay.trace import Trace
+from edged.replay.trace import Trace, stream_order
 from edged.router import RouterConfig
 
 #: SLA per benchmark used when `--alpha` is not given (the issue's targets).
@@ -93,25 +93,26 @@ def run_benchmark(
     labels: LabelModel | None = None,
     embeddings: np.ndarray | None = None,
     embedded: Collection[str] = (),
+    block: int = 0,
 ) -> BenchmarkResult:
     """All policies on `seeds` shuffles of `trace` (seeds first_seed, first_seed + 1, ...; a
     later range is a held-out check of settings chosen on the first). `routers` maps policy
     name to config maker (default: `messplus` faithful and `edged`); `labels` says which
     labels the routers get (default: all; the baselines are hindsight and need none).
     `embeddings` (one row per request of `trace`, e.g. a sentence encoder's) go to the routers
-    named in `embedded`, shuffled with the requests."""
+    named in `embedded`, shuffled with the requests. `block` > 0 serves runs of that many
+    requests of one benchmark at a time (`trace.stream_order`) instead of a plain shuffle."""
     if embedded and (embeddings is None or len(embeddings) != len(trace)):
         raise ValueError(f"routers {sorted(embedded)} need one embedding per request of "
                          f"{trace.benchmark} ({len(trace)})")
     routers = dict(routers or {"messplus": paper_factory(), "edged": edged_factory()})
-    n = len(trace)
     outcomes: dict[str, list[Outcome]] = {}
     plan = baselines.static_mix_plan(trace, alpha)
     task_plan = baselines.task_mix_plan(trace, alpha)
     constrained = baselines.constrained_probs(trace, alpha)
     uniform = np.full(len(trace.models), 1.0 / len(trace.models))
     for seed in range(first_seed, first_seed + seeds):
-        order = np.random.default_rng(seed).permutation(n)
+        order = stream_order(trace, seed, block)
         shuffled = trace.subset(order)
         runs: dict[str, Callable[[], Outcome]] = {
             name: partial(run_router, shuffled, factory(alpha, seed), labels,
@@ -136,6 +137,7 @@ def run_benchmark(
                 baselines.fixed_multiplier(shuffled, outcomes[name][-1], alpha))
     summary = _summary(trace, alpha, seeds, outcomes)
     summary["first_seed"] = first_seed
+    summary["block"] = block
     summary["labels"] = asdict(labels or LabelModel())
     summary["unreachable"] = unreachable(trace, alpha)
     summary["task_mix_plan"] = {

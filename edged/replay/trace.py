@@ -70,6 +70,24 @@ def mix_traces(traces: Sequence[Trace], name: str = "mixed") -> Trace:
     )
 
 
+def stream_order(trace: Trace, seed: int, block: int = 0) -> np.ndarray:
+    """The request order of one replay: a shuffle (`block` 0), or runs of up to `block`
+    requests of one kind (benchmark) each, the runs shuffled; as a user who asks one kind of
+    thing for a while, then another. Each kind's requests are shuffled before they are cut.
+    The whole trace is served either way, so hindsight plans cost the same in every order."""
+    if block < 0:
+        raise ValueError(f"block must be >= 0, got {block}")
+    rng = np.random.default_rng(seed)
+    if block == 0:
+        return rng.permutation(len(trace))
+    kinds = np.array(trace.kind_of_rows())
+    runs = []
+    for kind in dict.fromkeys(kinds.tolist()):  # first-seen order: reproducible
+        rows = rng.permutation(np.flatnonzero(kinds == kind))
+        runs += [rows[i:i + block] for i in range(0, rows.size, block)]
+    return np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+
+
 _PER_MODEL = ("label", "energy_consumption", "inference_time")
 
 
