@@ -37,6 +37,7 @@ from edged.replay import (
     find_traces,
     load_trace,
     mix_traces,
+    stream_order,
 )
 from edged.replay.simulate import run_router
 
@@ -50,7 +51,7 @@ def _status(text: str) -> None:
 
 
 def _shuffles(trace: Trace, seeds: range) -> list[Trace]:
-    return [trace.subset(np.random.default_rng(s).permutation(len(trace))) for s in seeds]
+    return [trace.subset(stream_order(trace, s)) for s in seeds]
 
 
 def safe_plan(trace: Trace, alpha: float, shuffles: list[Trace], kind: str) -> dict[str, Any]:
