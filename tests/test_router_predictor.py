@@ -212,3 +212,17 @@ def test_neighbour_memory_is_a_bounded_ring() -> None:
         p.update(p.featurize(f"q{i}"), 0, float(i % 2))
     assert p.memory_n[0] == Predictor.MEMORY + 10
     assert p.memory_shape.shape == (1, Predictor.MEMORY, 64)
+
+
+def test_prior_floor_keeps_the_chain_gain_from_going_negative() -> None:
+    """A dozen pairs where the dearer model lost (one run of hard requests) would put it below
+    the cheaper one through the chain for good; with prior_floor its gain stops at 0."""
+    floored = Predictor(3, dim_bits=8, prior_strength=20.0, prior_step=0.03, prior_floor=True)
+    plain = Predictor(3, dim_bits=8, prior_strength=20.0, prior_step=0.03, prior_floor=False)
+    for p in (floored, plain):
+        for i in range(12):
+            p.observe_pair(1, 0.0, 1.0 if i < 10 else 0.0)  # medium wrong, small mostly right
+            p.observe_pair(2, 1.0, 0.0)  # large right where medium was wrong
+    assert plain.gains()[1] < 0.0 and floored.gains()[1] == 0.0
+    assert floored.gains()[2] == plain.gains()[2] > 0.0  # a positive gain is left alone
+    assert floored.gains()[0] == plain.gains()[0] == 0.0

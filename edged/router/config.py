@@ -49,7 +49,9 @@ class RouterConfig:
         to fail can escalate while the stream's other requests stay on it.
     prior_floor: the chained prior is only a floor (model m's rate is the larger of its own
         Beta(1, 1) estimate and model m-1's rate + prior_step), not a pull towards the cheaper
-        model that keeps the next model's early rate just below the target.
+        model that keeps the next model's early rate just below the target; and the chain
+        expert's paired gain over the cheaper model is at least 0 (a few noisy pairs must not
+        forecast a dearer model below a cheaper one for good: it is then never served again).
     lp_current_rates: the LP prior re-solves on the recent requests' text-head deviations
         added to the current running rates, not on stale probabilities (an early lucky rate
         of the cheapest model kept the multiplier at 0 for a whole window).

@@ -310,11 +310,16 @@ class Predictor:
     def gains(self) -> np.ndarray:
         """Each model's satisfaction gain over the next cheaper one, from the requests where
         both were labelled (paired, so not biased by which requests each model is sent), with
-        `prior_step` as a prior worth `prior_strength` pairs; 0 for the cheapest model."""
+        `prior_step` as a prior worth `prior_strength` pairs; 0 for the cheapest model. With
+        `prior_floor`, never below 0: a dozen pairs from one run of hard requests once put the
+        medium model 0.05 below the small one through the chain, and it was never served again
+        (a run of one kind in `edged replay --blocks`), so it never got the pairs to recover."""
         gains = (self.pair_gain + self.prior_strength * self.prior_step) / (
             self.pair_n + self.prior_strength
         )
         gains[0] = 0.0
+        if self.prior_floor:
+            np.maximum(gains, 0.0, out=gains)
         return gains
 
     def experts(self, features: Features) -> np.ndarray:
