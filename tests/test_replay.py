@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +129,7 @@ def test_smallest_safe_margin_makes_every_shuffle_meet_alpha() -> None:
 def test_stream_order_in_runs_of_one_benchmark() -> None:
     """Block 0 is the plain per-seed shuffle; a block size serves every request once, in runs
     of at most that many requests of one benchmark, a different order per seed."""
-    mixed = mix_traces([synthetic(130, seed=1), synthetic(70, seed=2)])
-    mixed = Trace(mixed.benchmark, mixed.models, mixed.texts, mixed.labels, mixed.energy_j,
-                  mixed.latency_s, None, ("x",) * 130 + ("y",) * 70)
+    mixed = replace(synthetic(200), kinds=("x",) * 130 + ("y",) * 70)
     assert np.array_equal(stream_order(mixed, 3), np.random.default_rng(3).permutation(200))
     def runs(order: np.ndarray) -> list[int]:  # lengths of the maximal one-kind runs
         kinds = np.array(mixed.kinds)[order]
